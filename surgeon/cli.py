@@ -1,0 +1,36 @@
+"""The `surgeon` command: a thin layer over the library. Each subcommand lives in its own module under
+surgeon/commands/ exposing `add_parser(subparsers)` (which sets `func`) — adding a command is adding a module."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import SurgeonError
+
+COMMANDS = ["convert", "inspect"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="surgeon", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"surgeon.commands.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SurgeonError as err:
+        print(f"surgeon: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("surgeon: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
