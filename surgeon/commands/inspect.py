@@ -1,0 +1,66 @@
+"""surgeon inspect PATH: family, parameters, norms, tied or not, transforms present — from headers only."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from rich.console import Console
+from rich.table import Table
+
+
+def add_parser(sub):
+    p = sub.add_parser("inspect", help="describe a checkpoint (reads headers only)", description=__doc__)
+    p.add_argument("path", help="Hugging Face model directory")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def describe(path) -> dict:
+    from ..architectures import base_model_type, for_config
+    from ..io import Checkpoint
+
+    ckpt = Checkpoint(path)
+    arch = for_config(ckpt.config)
+    config = ckpt.config
+    norms = {}
+    for role, pattern in arch.norms.items():
+        names = [n for n in arch.expand(pattern, config) if f"{n}.weight" in ckpt]
+        if not names:
+            continue
+        carries = [k for k in ("pre_affine", "gate_down.weight") if all(f"{n}.{k}" in ckpt for n in names)]
+        norms[role] = {"pattern": pattern, "count": len(names),
+                       "carries": [c.removesuffix(".weight").replace("gate_down", "gate") for c in carries]}
+    block = config.get("surgeon") or {}
+    dtypes = Counter(str(i.dtype).removeprefix("torch.") for i in ckpt.tensors.values())
+    return {
+        "path": str(ckpt.path), "model_type": config.get("model_type"), "family": base_model_type(config),
+        "parameters": ckpt.num_parameters, "bytes": ckpt.nbytes, "files": [f.name for f in ckpt.files],
+        "dtypes": dict(dtypes), "layers": arch.num_layers(config), "hidden_size": config.get(arch.hidden_size_key),
+        "tied_embeddings": arch.tied(config), "has_lm_head": arch.lm_head in ckpt, "norms": norms,
+        "transforms": block.get("transforms", []),
+        "gate_rank": (block.get("gated_norm") or {}).get("rank"),
+        "source_sha256": block.get("source_sha256"),
+    }
+
+
+def run(args) -> int:
+    info = describe(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    table = Table(title=f"surgeon inspect {info['path']}", show_header=False)
+    table.add_row("family", f"{info['family']} (model_type {info['model_type']})")
+    table.add_row("parameters", f"{info['parameters']:,} ({info['bytes'] / 1e6:,.1f} MB, "
+                                + ", ".join(f"{k}×{v}" for k, v in info["dtypes"].items()) + " tensors)")
+    table.add_row("layers / hidden", f"{info['layers']} / {info['hidden_size']}")
+    table.add_row("embeddings", "tied" if info["tied_embeddings"] else "untied")
+    table.add_row("files", f"{len(info['files'])}: {', '.join(info['files'][:3])}"
+                           + (" …" if len(info["files"]) > 3 else ""))
+    for role, n in info["norms"].items():
+        table.add_row(f"norm {role}", f"{n['count']} × {n['pattern']}"
+                                      + (f"  [cyan]+ {', '.join(n['carries'])}[/]" if n["carries"] else ""))
+    table.add_row("transforms", ", ".join(info["transforms"]) or "none"
+                  + (f" (gate rank {info['gate_rank']})" if info["gate_rank"] else ""))
+    Console().print(table)
+    return 0
