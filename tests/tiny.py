@@ -1,0 +1,57 @@
+"""Tiny random checkpoints of every supported family, built in-process (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+VOCAB = 128
+
+
+def tiny_config(family: str, tied: bool = False, **overrides):
+    kwargs = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
+                  tie_word_embeddings=tied, head_dim=12)
+    kwargs.update(overrides)
+    return AutoConfig.for_model(family, **kwargs)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(33, 33 + VOCAB - 3)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def make_tiny(path: Path, family: str = "llama", tied: bool = False, *, seed: int = 0,
+              tokenizer: bool = True, **save_kwargs) -> Path:
+    """A random model whose norm weights are not all ones (so a wrong λ rewrite shows in the logits)."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, tied))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(path, **save_kwargs)
+    if tokenizer:
+        tiny_tokenizer().save_pretrained(path)
+    return Path(path)
+
+
+def input_ids(batch: int = 2, length: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def logits(path: Path, ids: torch.Tensor | None = None, dtype=torch.float32) -> torch.Tensor:
+    import surgeon  # noqa: F401
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    return model(input_ids=input_ids() if ids is None else ids).logits.float()
