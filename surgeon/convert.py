@@ -7,10 +7,8 @@ included) succeeded; the source is only read.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import torch
 from . import __version__
 from .errors import SurgeonError
 from .io import Checkpoint, parse_size, staged_directory, write_sharded
+from .io.digest import SourceHasher
 from .modeling import BASE_MODEL_TYPES, CLASSES, MODELING_FILE, surgeon_model_type
 from .architectures import base_model_type
 from .plan import Plan
@@ -51,31 +50,9 @@ class ConvertReport:
     tensors_added: int
     bytes_written: int
     source_sha256: str
+    source_files: dict[str, str] = field(default_factory=dict)
     verify: dict | None = None
     shards: list[str] = field(default_factory=list)
-
-
-class _FileHasher(threading.Thread):
-    """sha256 of the source checkpoint (config + weight files, in order), computed beside the conversion:
-    hashlib releases the GIL, so on two cores it costs no wall time."""
-
-    def __init__(self, files: list[Path]):
-        super().__init__(daemon=True)
-        self.files = files
-        self.digest = ""
-        self.error: BaseException | None = None
-
-    def run(self):
-        try:
-            h = hashlib.sha256()
-            for file in self.files:
-                h.update(file.name.encode() + b"\0")
-                with open(file, "rb") as fh:
-                    while chunk := fh.read(1 << 24):
-                        h.update(chunk)
-            self.digest = h.hexdigest()
-        except BaseException as err:  # reported by the main thread
-            self.error = err
 
 
 def surgeon_config(plan: Plan, source: Checkpoint, sha256: str) -> dict:
@@ -127,17 +104,18 @@ def convert(
         transform.apply(plan)
     limit = parse_size(shard_size)
 
-    hasher = _FileHasher([ckpt.path / "config.json", *ckpt.files])
+    hasher = SourceHasher([ckpt.path / "config.json", *ckpt.files])
     hasher.start()
     specs = plan.specs()
     total = sum(s.nbytes for s in specs)
     with staged_directory(output, force=force, sources=(source,)) as tmp:
         with progress_bar(f"writing {output.name}", total, enabled=show_progress, unit="bytes") as advance:
             shards = write_sharded(tmp, specs, plan.produce, limit, on_tensor=lambda s: advance(s.nbytes))
-        hasher.join()
-        if hasher.error is not None:
-            raise SurgeonError(f"reading the source for its sha256 failed: {hasher.error}")
-        config = surgeon_config(plan, ckpt, hasher.digest)
+        try:
+            digest, file_digests = hasher.result()
+        except OSError as err:
+            raise SurgeonError(f"reading the source for its sha256 failed: {err}") from None
+        config = surgeon_config(plan, ckpt, digest)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for side in ckpt.side_files():
             shutil.copy2(side, tmp / side.name)
@@ -146,7 +124,7 @@ def convert(
             source=source, output=output, family=base_model_type(ckpt.config),
             transforms=list(plan.surgeon.get("transforms", [])), params_before=ckpt.num_parameters,
             params_after=plan.num_parameters, tensors_rewritten=plan.count("rewritten"),
-            tensors_added=plan.count("new"), bytes_written=total, source_sha256=hasher.digest,
+            tensors_added=plan.count("new"), bytes_written=total, source_sha256=digest, source_files=file_digests,
             shards=[p.name for p in shards],
         )
         if verify:
@@ -169,6 +147,7 @@ def write_manifest(out: Path, report: ConvertReport, config: dict) -> None:
         "surgeon_version": __version__,
         "source": str(report.source),
         "source_sha256": report.source_sha256,
+        "source_files_sha256": report.source_files,
         "family": report.family,
         "transforms": report.transforms,
         "surgeon": block,

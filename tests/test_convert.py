@@ -117,15 +117,18 @@ def test_written_directory(sources, tmp_path):
     assert not list(tmp_path.glob(".*surgeon-tmp"))  # the staging directory is gone
 
 
-def test_source_sha256_is_the_files_hash(sources, tmp_path):
+def test_source_sha256_is_sha256sum_of_the_files(sources, tmp_path, monkeypatch):
     import hashlib
 
+    monkeypatch.setenv("SURGEON_CACHE", str(tmp_path / "cache"))
     src = sources[("qwen2", False)]
-    report = convert(src, tmp_path / "out", build(COMBOS["pre"]), show_progress=False)
-    h = hashlib.sha256()
-    for f in (src / "config.json", src / "model.safetensors"):
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
-    assert report.source_sha256 == h.hexdigest()
+    files = {f: hashlib.sha256((src / f).read_bytes()).hexdigest() for f in ("config.json", "model.safetensors")}
+    sha256sum = "".join(f"{d}  {f}\n" for f, d in files.items())
+    for out in ("cold", "cached"):  # the second run takes the per-file digests from the cache
+        report = convert(src, tmp_path / out, build(COMBOS["pre"]), show_progress=False)
+        assert report.source_files == files
+        assert report.source_sha256 == hashlib.sha256(sha256sum.encode()).hexdigest()
+    assert (tmp_path / "cache" / "sha256.json").is_file()
 
 
 def test_qwen3_qk_norms(sources, tmp_path):
