@@ -40,7 +40,7 @@ class Plan:
         for name, info in source.tensors.items():
             self._order.append(name)
             self.tensors[name] = PlannedTensor(
-                TensorSpec(name, info.dtype, info.shape), (lambda n=name: source.get(n)), "source"
+                TensorSpec(name, info.dtype, info.shape), (lambda n=name: source.get(n, scratch=True)), "source"
             )
 
     # -- what transforms call ---------------------------------------------------------------------
@@ -62,7 +62,8 @@ class Plan:
         return self.tensors[name]
 
     def rewrite(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Replace a tensor's data by fn(data); dtype and shape must stay."""
+        """Replace a tensor's data by fn(data); dtype and shape must stay. `data` may live in the reader's
+        scratch buffer: fn may change it in place, but must not keep it."""
         entry = self.require(name)
         inner = entry.produce
         entry.produce = lambda: fn(inner())

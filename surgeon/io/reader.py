@@ -1,13 +1,18 @@
 """Read a Hugging Face checkpoint directory one tensor at a time.
 
-Safetensors (single file or sharded with an index) is memory-mapped: listing the tensors reads only the
-headers, and `get(name)` materializes one tensor. PyTorch `.bin` files are opened with `weights_only=True`
+Safetensors (single file or sharded with an index): the safetensors library opens and validates each file
+(header, dtypes, offsets against the file size); `get(name)` then reads that one tensor's bytes itself. A
+plain memory map would leave every page read resident in this process until the file is closed, so peak
+memory would grow with the model; the streaming path maps, uses, and drops one tensor at a time. PyTorch `.bin` files are opened with `weights_only=True`
 (never an arbitrary unpickle) and `mmap=True`, so they stay lazy too.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
+import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +39,7 @@ class TensorInfo:
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int = -1  # absolute byte offset in a safetensors file (-1: read through the file's handle)
 
     @property
     def numel(self) -> int:
@@ -65,6 +71,8 @@ class Checkpoint:
         self.files = self._weight_files()
         self.tensors: dict[str, TensorInfo] = {}
         self._handles: dict[Path, object] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._last_scratch: tuple[mmap.mmap, int, int] | None = None
         for file in self.files:
             self._index_file(file)
         if self._weight_map is not None:
@@ -111,12 +119,10 @@ class Checkpoint:
     def _index_file(self, file: Path) -> None:
         if file.suffix == ".safetensors":
             try:
-                handle = safe_open(str(file), framework="pt", device="cpu")
-                names = list(handle.keys())
-                infos = []
-                for name in names:
-                    sl = handle.get_slice(name)
-                    infos.append((name, SAFE_DTYPES[sl.get_dtype()], tuple(sl.get_shape())))
+                with safe_open(str(file), framework="pt", device="cpu") as handle:
+                    handle.keys()  # opening validated the header against the file; we read it for the offsets
+                infos = _safetensors_entries(file)
+                handle = None
             except Exception as err:  # safetensors raises its own error types for bad headers and sizes
                 raise SurgeonError(
                     f"{file.name} is not a readable safetensors file ({_first_line(err)}); it is truncated or "
@@ -130,27 +136,58 @@ class Checkpoint:
                     f"{file.name} could not be loaded safely ({_first_line(err)}); only plain tensor state dicts "
                     "are read (weights_only=True): convert it to safetensors"
                 ) from None
-            infos = [(n, t.dtype, tuple(t.shape)) for n, t in handle.items()]
+            infos = [(n, t.dtype, tuple(t.shape), -1) for n, t in handle.items()]
         self._handles[file] = handle
-        for name, dtype, shape in infos:
+        for name, dtype, shape, offset in infos:
             if name in self.tensors:
                 raise SurgeonError(f"tensor {name!r} appears in two files of {self.path}; the checkpoint is inconsistent")
-            self.tensors[name] = TensorInfo(name, file, dtype, shape)
+            self.tensors[name] = TensorInfo(name, file, dtype, shape, offset)
 
     # -- access -----------------------------------------------------------------------------------
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, *, scratch: bool = False) -> torch.Tensor:
+        """One tensor, in memory of its own. With `scratch=True` it is instead a zero-copy view of a private
+        map of the file, valid only until the next scratch read, whose pages are then dropped from this
+        process (the streaming writer consumes each tensor at once; peak memory stays one tensor)."""
         info = self.tensors[name]
-        handle = self._handles[info.file]
-        if isinstance(handle, dict):
-            return handle[name]
+        if info.offset < 0:
+            return self._handles[info.file][name]
+        if scratch and info.nbytes:
+            self._release_scratch()
+            view = torch.frombuffer(self._map(info.file), dtype=torch.uint8, count=info.nbytes, offset=info.offset)
+            if info.offset % info.dtype.itemsize == 0:  # a typed view needs element alignment
+                self._last_scratch = (self._maps[info.file], info.offset, info.nbytes)
+                return view.view(info.dtype).reshape(info.shape)
+        raw = torch.empty(info.nbytes, dtype=torch.uint8)
+        buffer = memoryview(raw.numpy())
+        fd = os.open(info.file, os.O_RDONLY)
         try:
-            return handle.get_tensor(name)
-        except Exception as err:
-            raise SurgeonError(f"reading {name!r} from {info.file.name} failed ({_first_line(err)})") from None
+            done = 0
+            while done < info.nbytes:
+                n = os.preadv(fd, [buffer[done:]], info.offset + done)
+                if n == 0:
+                    raise SurgeonError(f"{info.file.name} ended inside tensor {name!r}; it is truncated")
+                done += n
+        finally:
+            os.close(fd)
+        return raw.view(info.dtype).reshape(info.shape)
+
+    def _map(self, file: Path) -> mmap.mmap:
+        if file not in self._maps:
+            with open(file, "rb") as fh:
+                # copy-on-write: a transform may change a scratch tensor in place without touching the file
+                self._maps[file] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self._maps[file]
+
+    def _release_scratch(self) -> None:
+        if self._last_scratch is not None:
+            mm, offset, nbytes = self._last_scratch
+            start = offset - offset % mmap.PAGESIZE
+            mm.madvise(mmap.MADV_DONTNEED, start, min(offset + nbytes, len(mm)) - start)
+            self._last_scratch = None
 
     @property
     def num_parameters(self) -> int:
@@ -169,6 +206,15 @@ class Checkpoint:
             if p.is_file() and p.name not in skip and p.resolve() not in weights
             and not p.name.startswith(".") and p.suffix not in (".safetensors", ".bin")
         )
+
+
+def _safetensors_entries(file: Path) -> list[tuple[str, torch.dtype, tuple[int, ...], int]]:
+    with open(file, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+    start = 8 + length
+    return [(name, SAFE_DTYPES[e["dtype"]], tuple(e["shape"]), start + e["data_offsets"][0])
+            for name, e in header.items() if name != "__metadata__"]
 
 
 def _first_line(err: BaseException) -> str:

@@ -122,6 +122,7 @@ def write_sharded(
                         f"{spec.dtype} {spec.shape}; this is a bug in a transform"
                     )
                 fh.write(_tensor_bytes(tensor))
+                del tensor  # before the next one is produced: peak memory stays one tensor
                 weight_map[spec.name] = path.name
                 if on_tensor is not None:
                     on_tensor(spec)
