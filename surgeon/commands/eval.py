@@ -1,0 +1,64 @@
+"""surgeon eval MODEL [MODEL ...] --data TEXT [--quant none,nvfp4,int4]: perplexity with fake-quantized W4A4,
+models side by side, each with its ratio to its own unquantized perplexity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from ..errors import SurgeonError
+from ..quant import FORMATS
+
+
+def add_parser(sub):
+    p = sub.add_parser("eval", help="perplexity, unquantized and fake-quantized W4A4 (NVFP4, INT4)",
+                       description=__doc__)
+    p.add_argument("models", nargs="+", help="model directories, .gguf files, hub ids, or 'default'")
+    p.add_argument("--data", default="default", help="text file, folder, JSONL, or 'default' (Shakespeare)")
+    p.add_argument("--quant", default="none,nvfp4,int4", help="comma-separated formats (%(default)s)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window, BOS added (%(default)s)")
+    p.add_argument("--windows", type=int, default=8, help="number of windows (%(default)s)")
+    p.add_argument("--skip-tokens", type=int, default=1000, help="tokens skipped at the start (%(default)s)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--quantize-lm-head", action="store_true", help="quantize the LM head too")
+    p.add_argument("--json", type=Path, help="also write the results as JSON here")
+    p.add_argument("--trust-remote-code", action="store_true", help="(dangerous) run a checkpoint's own code")
+    p.set_defaults(func=run)
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    formats = tuple(f.strip().lower() for f in text.split(",") if f.strip())
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise SurgeonError(f"unknown quantization format(s) {', '.join(bad) or text!r}; use {', '.join(FORMATS)}")
+    return formats
+
+
+def run(args) -> int:
+    import torch
+
+    from ..evaluate import evaluate_model, save, table
+    from ..progress import progress_bar
+    from ..quant import DEFAULT_SKIP
+    from ..sources import iter_token_windows, load_model, resolve_model, resolve_text
+
+    formats = parse_formats(args.quant)
+    paths = resolve_text(args.data)
+    dirs = [resolve_model(m, trust_remote_code=args.trust_remote_code) for m in args.models]
+    skip = tuple(s for s in DEFAULT_SKIP if not (args.quantize_lm_head and s == "lm_head"))
+    torch.manual_seed(0)
+    results, windows = [], None
+    n_steps = len(dirs) * len(dict.fromkeys(("none", *formats)))
+    with progress_bar("evaluating", n_steps, unit="items") as advance:
+        for spec, path in zip(args.models, dirs):
+            model, tokenizer = load_model(path, trust_remote_code=args.trust_remote_code)
+            if windows is None:  # the first model's tokenizer defines the windows for all
+                windows = list(iter_token_windows(paths, tokenizer, args.seq_len, args.seq_len * args.windows,
+                                                  args.batch_size, skip_tokens=args.skip_tokens))
+            results.append(evaluate_model(model, windows, formats, name=spec, skip=skip, advance=advance))
+            del model
+    Console().print(table(results))
+    if args.json:
+        save(results, args.json)
+    return 0

@@ -1,0 +1,77 @@
+"""Perplexity, unquantized and with fake-quantized W4A4 (surgeon/quant.py), for several models side by side.
+
+Perplexity = exp(mean next-token NLL over every predicted token of the evaluation windows). Windows are the
+same for every model and format (same tokenizer assumed: a converted model keeps its source's), so the ratios
+to each model's own unquantized perplexity compare like with like.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .quant import FORMATS, fake_quantized
+
+
+@dataclass
+class ModelEval:
+    model: str
+    tokens: int
+    perplexity: dict[str, float] = field(default_factory=dict)  # format -> ppl
+    layers_quantized: dict[str, int] = field(default_factory=dict)
+
+    def ratio(self, fmt: str) -> float:
+        return self.perplexity[fmt] / self.perplexity["none"]
+
+
+@torch.no_grad()
+def perplexity(model, windows: list[torch.Tensor]) -> tuple[float, int]:
+    """exp of the mean NLL of every next-token prediction in `windows` (batches of token ids)."""
+    total_nll, total_tokens = 0.0, 0
+    for ids in windows:
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        targets = ids[:, 1:]
+        total_nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                     reduction="sum").item()
+        total_tokens += targets.numel()
+    return math.exp(total_nll / total_tokens), total_tokens
+
+
+def evaluate_model(model, windows: list[torch.Tensor], formats: tuple[str, ...] = FORMATS, *, name: str = "",
+                   skip: tuple[str, ...] | None = None, advance=lambda n=1: None) -> ModelEval:
+    result = ModelEval(model=name, tokens=0)
+    kwargs = {} if skip is None else {"skip": skip}
+    for fmt in dict.fromkeys(("none", *formats)):
+        with fake_quantized(model, fmt, **kwargs) as n:
+            ppl, tokens = perplexity(model, windows)
+        result.perplexity[fmt] = ppl
+        result.layers_quantized[fmt] = n
+        result.tokens = tokens
+        advance(1)
+    return result
+
+
+def save(results: list[ModelEval], path: Path) -> Path:
+    data = [{**asdict(r), "ratio": {f: r.ratio(f) for f in r.perplexity}} for r in results]
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def table(results: list[ModelEval], title: str = "perplexity (ratio to the model's own unquantized)"):
+    from rich.table import Table
+
+    formats = list(dict.fromkeys(f for r in results for f in r.perplexity))
+    t = Table(title=title)
+    t.add_column("model")
+    for fmt in formats:
+        t.add_column("fp" if fmt == "none" else f"{fmt.upper()} W4A4", justify="right")
+    for r in results:
+        cells = [f"{r.perplexity['none']:.2f}"]
+        cells += [f"{r.perplexity[f]:,.1f} (×{r.ratio(f):.2f})" for f in formats if f != "none"]
+        t.add_row(r.model, *cells)
+    return t

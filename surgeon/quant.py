@@ -1,0 +1,131 @@
+"""Fake quantization for W4A4 evaluation (DESIGN §8): values are rounded to the 4-bit grid and scaled back, so
+a float model computes what a W4A4 kernel would.
+
+NVFP4 (the paper's App. A.4.2): E2M1 values {0, ±0.5, ±1, ±1.5, ±2, ±3, ±4, ±6} in blocks of 16 along the
+input dimension; each block has a scale stored as FP8-E4M3, and the whole tensor one FP32 scale chosen so the
+largest block scale lands at E4M3's maximum, 448:
+
+    s_t = amax(x) / (6 · 448)                      (per tensor for weights, per token for activations)
+    s_b = e4m3(amax(block) / 6 / s_t)              (round-to-nearest-even, saturating)
+    q   = e2m1(x / (s_b · s_t)) · s_b · s_t        (round-to-nearest-even on the E2M1 grid)
+
+INT4, symmetric: q = clamp(round(x / s), −7, 7) · s with s = amax / 7, per group of `group` input channels for
+weights and per token for activations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import SurgeonError
+
+E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+E2M1_MIDPOINTS = (E2M1_GRID[1:] + E2M1_GRID[:-1]) / 2
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+NVFP4_BLOCK = 16
+INT4_MAX = 7.0
+INT4_GROUP = 32
+FORMATS = ("none", "nvfp4", "int4")
+# Left in full precision: the LM head (unless asked) and the rank-r gate projections of GatedNorm.
+DEFAULT_SKIP = ("lm_head", "gate_down", "gate_up")
+
+
+def round_e2m1(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest E2M1 value (ties to even mantissa, i.e. to the even grid index), saturating at ±6."""
+    a = x.abs().clamp(max=E2M1_MAX)
+    mids = E2M1_MIDPOINTS.to(a.device, a.dtype)
+    idx = torch.bucketize(a, mids)  # a == mids[i] lands on i, the lower neighbour
+    tie = (a == mids[idx.clamp(max=len(mids) - 1)]) & (idx % 2 == 1)
+    idx = idx + tie.long()
+    return E2M1_GRID.to(a.device, a.dtype)[idx] * x.sign()
+
+
+def round_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """Round positive scales to FP8-E4M3 (torch's cast is round-to-nearest-even), saturating at 448."""
+    return x.clamp(max=E4M3_MAX).to(torch.float8_e4m3fn).to(x.dtype)
+
+
+def _blocks(x: torch.Tensor, size: int) -> tuple[torch.Tensor, int]:
+    """View the last dimension as (n_blocks, size), zero-padding a ragged tail (zeros change no amax)."""
+    d = x.shape[-1]
+    pad = -d % size
+    if pad:
+        x = F.pad(x, (0, pad))
+    return x.reshape(*x.shape[:-1], -1, size), d
+
+
+def nvfp4(x: torch.Tensor, *, per_row: bool) -> torch.Tensor:
+    """NVFP4 fake quantization along the last dimension; one FP32 scale per row (`per_row`) or per tensor."""
+    dtype = x.dtype
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True) if per_row else xf.abs().amax()
+    s_t = (amax / (E2M1_MAX * E4M3_MAX)).clamp(min=torch.finfo(torch.float32).tiny)
+    blocks, d = _blocks(xf, NVFP4_BLOCK)
+    s_t_b = s_t.unsqueeze(-1) if per_row else s_t
+    s_b = round_e4m3(blocks.abs().amax(dim=-1, keepdim=True) / E2M1_MAX / s_t_b)
+    scale = s_b * s_t_b
+    q = torch.where(scale > 0, round_e2m1(blocks / torch.where(scale > 0, scale, 1.0)) * scale, 0.0)
+    return q.reshape(*xf.shape[:-1], -1)[..., :d].to(dtype)
+
+
+def int4(x: torch.Tensor, *, group: int | None) -> torch.Tensor:
+    """Symmetric INT4 along the last dimension: per group of `group` values, or per row when group is None."""
+    dtype = x.dtype
+    xf = x.float()
+    blocks, d = _blocks(xf, group) if group else (xf.unsqueeze(-2), xf.shape[-1])
+    s = blocks.abs().amax(dim=-1, keepdim=True) / INT4_MAX
+    q = torch.where(s > 0, (blocks / torch.where(s > 0, s, 1.0)).round().clamp(-INT4_MAX, INT4_MAX) * s, 0.0)
+    return q.reshape(*xf.shape[:-1], -1)[..., :d].to(dtype)
+
+
+def quantize_weight(w: torch.Tensor, fmt: str) -> torch.Tensor:
+    if fmt == "nvfp4":
+        return nvfp4(w, per_row=False)
+    if fmt == "int4":
+        return int4(w, group=INT4_GROUP)
+    raise SurgeonError(f"unknown quantization format {fmt!r}; use one of {', '.join(FORMATS)}")
+
+
+def quantize_activation(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    if fmt == "nvfp4":
+        return nvfp4(x, per_row=True)
+    if fmt == "int4":
+        return int4(x, group=None)
+    raise SurgeonError(f"unknown quantization format {fmt!r}; use one of {', '.join(FORMATS)}")
+
+
+def quantized_linears(model: nn.Module, skip: tuple[str, ...] = DEFAULT_SKIP) -> list[tuple[str, nn.Linear]]:
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not any(part in skip for part in name.split("."))]
+
+
+@contextmanager
+def fake_quantized(model: nn.Module, fmt: str, skip: tuple[str, ...] = DEFAULT_SKIP) -> Iterator[int]:
+    """Within the block, every linear layer (but `skip`) has W4 weights and A4 inputs; restored on exit.
+    Yields the number of layers quantized."""
+    if fmt == "none":
+        yield 0
+        return
+    if fmt not in FORMATS:
+        raise SurgeonError(f"unknown quantization format {fmt!r}; use one of {', '.join(FORMATS)}")
+    layers = quantized_linears(model, skip)
+    saved, hooks = [], []
+    try:
+        with torch.no_grad():
+            for _, layer in layers:
+                saved.append((layer, layer.weight.data))
+                layer.weight.data = quantize_weight(layer.weight.data, fmt)
+                hooks.append(layer.register_forward_pre_hook(
+                    lambda mod, args: (quantize_activation(args[0], fmt), *args[1:])))
+        yield len(layers)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for layer, weight in saved:
+            layer.weight.data = weight
