@@ -24,26 +24,24 @@ from torch import nn
 
 from .errors import SurgeonError
 
-E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-E2M1_MIDPOINTS = (E2M1_GRID[1:] + E2M1_GRID[:-1]) / 2
+E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 NVFP4_BLOCK = 16
 INT4_MAX = 7.0
 INT4_GROUP = 32
+TINY = torch.finfo(torch.float32).tiny
 FORMATS = ("none", "nvfp4", "int4")
 # Left in full precision: the LM head (unless asked) and the rank-r gate projections of GatedNorm.
 DEFAULT_SKIP = ("lm_head", "gate_down", "gate_up")
 
 
 def round_e2m1(x: torch.Tensor) -> torch.Tensor:
-    """Round to the nearest E2M1 value (ties to even mantissa, i.e. to the even grid index), saturating at ±6."""
+    """Round to the nearest E2M1 value, ties to even mantissa, saturating at ±6. The grid's step is 0.5 below 2,
+    1 below 4 and 2 up to 6, so rounding |x|/step half-to-even (torch.round) is exactly E2M1's rounding."""
     a = x.abs().clamp(max=E2M1_MAX)
-    mids = E2M1_MIDPOINTS.to(a.device, a.dtype)
-    idx = torch.bucketize(a, mids)  # a == mids[i] lands on i, the lower neighbour
-    tie = (a == mids[idx.clamp(max=len(mids) - 1)]) & (idx % 2 == 1)
-    idx = idx + tie.long()
-    return E2M1_GRID.to(a.device, a.dtype)[idx] * x.sign()
+    step = torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0))
+    return (a / step).round_().mul_(step).copysign_(x)
 
 
 def round_e4m3(x: torch.Tensor) -> torch.Tensor:
@@ -65,12 +63,12 @@ def nvfp4(x: torch.Tensor, *, per_row: bool) -> torch.Tensor:
     dtype = x.dtype
     xf = x.float()
     amax = xf.abs().amax(dim=-1, keepdim=True) if per_row else xf.abs().amax()
-    s_t = (amax / (E2M1_MAX * E4M3_MAX)).clamp(min=torch.finfo(torch.float32).tiny)
+    s_t = (amax / (E2M1_MAX * E4M3_MAX)).clamp(min=TINY)
     blocks, d = _blocks(xf, NVFP4_BLOCK)
     s_t_b = s_t.unsqueeze(-1) if per_row else s_t
-    s_b = round_e4m3(blocks.abs().amax(dim=-1, keepdim=True) / E2M1_MAX / s_t_b)
-    scale = s_b * s_t_b
-    q = torch.where(scale > 0, round_e2m1(blocks / torch.where(scale > 0, scale, 1.0)) * scale, 0.0)
+    # an all-zero block gets scale TINY: 0 / TINY = 0, so it stays zero without a branch
+    scale = round_e4m3(blocks.abs().amax(dim=-1, keepdim=True) / E2M1_MAX / s_t_b).mul_(s_t_b).clamp_(min=TINY)
+    q = round_e2m1(blocks / scale).mul_(scale)
     return q.reshape(*xf.shape[:-1], -1)[..., :d].to(dtype)
 
 
@@ -79,8 +77,8 @@ def int4(x: torch.Tensor, *, group: int | None) -> torch.Tensor:
     dtype = x.dtype
     xf = x.float()
     blocks, d = _blocks(xf, group) if group else (xf.unsqueeze(-2), xf.shape[-1])
-    s = blocks.abs().amax(dim=-1, keepdim=True) / INT4_MAX
-    q = torch.where(s > 0, (blocks / torch.where(s > 0, s, 1.0)).round().clamp(-INT4_MAX, INT4_MAX) * s, 0.0)
+    s = (blocks.abs().amax(dim=-1, keepdim=True) / INT4_MAX).clamp_(min=TINY)
+    q = (blocks / s).round_().clamp_(-INT4_MAX, INT4_MAX).mul_(s)
     return q.reshape(*xf.shape[:-1], -1)[..., :d].to(dtype)
 
 

@@ -55,10 +55,11 @@ def test_per_token_vs_per_tensor_scale():
     assert torch.equal(nvfp4(x[1:], per_row=False), per_token[1:])
 
 
-def test_ragged_last_block():
+def test_ragged_last_block_and_zeros():
     x = torch.randn(3, 37)
-    assert nvfp4(x, per_row=True).shape == (3, 37)
-    assert int4(x, group=32).shape == (3, 37)
+    x[1] = 0.0  # an all-zero row / block stays exactly zero (no 0/0)
+    for q in (nvfp4(x, per_row=True), nvfp4(x, per_row=False), int4(x, group=32), int4(x, group=None)):
+        assert q.shape == (3, 37) and torch.isfinite(q).all() and not q[1].any()
 
 
 def test_int4_by_hand():
