@@ -18,7 +18,7 @@ from . import __version__
 from .errors import SurgeonError
 from .io import Checkpoint, parse_size, staged_directory, write_sharded
 from .io.digest import SourceHasher
-from .modeling import BASE_MODEL_TYPES, CLASSES, MODELING_FILE, surgeon_model_type
+from .modeling import BASE_MODEL_TYPES, CLASSES, MODELING_FILE, needs_surgeon_modules, surgeon_model_type
 from .architectures import base_model_type
 from .plan import Plan
 from .progress import progress_bar
@@ -56,7 +56,10 @@ class ConvertReport:
 
 
 def surgeon_config(plan: Plan, source: Checkpoint, sha256: str) -> dict:
-    """The output config: the base family's fields, our model_type and auto_map, and the surgeon block."""
+    """The output config: the base family's fields, our model_type and auto_map, and the surgeon block.
+
+    A model that needs none of our modules (e.g. GLU at α = 1 and nothing else) is written as its stock family:
+    stock model_type and architectures, no auto_map (the surgeon block stays, as provenance)."""
     config = plan.config
     base = base_model_type(source.config)
     if base not in BASE_MODEL_TYPES:
@@ -70,6 +73,13 @@ def surgeon_config(plan: Plan, source: Checkpoint, sha256: str) -> dict:
         {"transforms": list(plan.applied), "source": str(source.path), "source_sha256": sha256}
     )
     block["source_sha256"] = block["history"][0]["source_sha256"]
+    if not needs_surgeon_modules(config):
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        config["model_type"] = base
+        config["architectures"] = block.get("base_architectures") or [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[base]]
+        config.pop("auto_map", None)
+        return config
     config["model_type"] = surgeon_model_type(base)
     config["architectures"] = [model_cls.__name__]
     module = MODELING_FILE.stem
@@ -94,7 +104,9 @@ def convert(
     """Apply `transforms` (instances from surgeon.transforms) to the checkpoint at `source`, writing `output`."""
     source, output = Path(source), Path(output)
     if not transforms:
-        raise SurgeonError("no transform given; pass at least one --transform (gated-norm, pre-affine)")
+        from .transforms import TRANSFORMS
+
+        raise SurgeonError(f"no transform given; pass at least one --transform ({', '.join(TRANSFORMS)})")
     ckpt = Checkpoint(source)
     plan = Plan(ckpt, seed=seed)
     out_dtype = parse_dtype(dtype)
@@ -119,7 +131,8 @@ def convert(
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for side in ckpt.side_files():
             shutil.copy2(side, tmp / side.name)
-        shutil.copy2(MODELING_FILE, tmp / MODELING_FILE.name)
+        if "auto_map" in config:
+            shutil.copy2(MODELING_FILE, tmp / MODELING_FILE.name)
         report = ConvertReport(
             source=source, output=output, family=base_model_type(ckpt.config),
             transforms=list(plan.surgeon.get("transforms", [])), params_before=ckpt.num_parameters,
@@ -131,7 +144,12 @@ def convert(
             from .verify import compare_logits
 
             report.verify = compare_logits(source, tmp, dtype=out_dtype, tolerance=tolerance)
-            if not report.verify["ok"]:
+            # a pass that changes the function on purpose (GLU at α > 0) is measured, not judged
+            changing = [t.name for t in transforms if not getattr(t, "preserves_function", True)]
+            report.verify["expected_to_differ"] = bool(changing)
+            if changing:
+                report.verify["changed_by"] = changing
+            if not report.verify["ok"] and not changing:
                 raise SurgeonError(
                     f"verification failed: max |Δlogit| {report.verify['max_abs_diff']:.3g} "
                     f"(relative {report.verify['max_rel_diff']:.3g}) exceeds {report.verify['tolerance']:.1g}; "
@@ -170,8 +188,18 @@ def write_manifest(out: Path, report: ConvertReport, config: dict) -> None:
         if key in block:
             extra = f", rank {block[key]['rank']}" if "rank" in block[key] else ""
             lines.append(f"| {key} targets | {', '.join(f'`{t}`' for t in block[key]['targets'])}{extra} |")
+    if "absorb_sinks" in block:
+        sinks = ", ".join(f"{s['dim']} (÷{s['scale']})" for s in block["absorb_sinks"]["sinks"])
+        lines.append(f"| absorbed residual sinks | {sinks} |")
+    if "glu" in block:
+        lines.append(f"| SwiGLU → GLU, α | {block['glu']['alpha']:g} |")
     if report.verify:
-        lines.append(f"| verified max abs logit diff | {report.verify['max_abs_diff']:.3g} |")
-    lines += ["", "Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`, or without remote "
-              "code after `import surgeon`.", ""]
+        note = " (expected to differ)" if report.verify.get("expected_to_differ") else ""
+        lines.append(f"| verified max abs logit diff | {report.verify['max_abs_diff']:.3g}{note} |")
+    if "auto_map" in config:
+        lines += ["", "Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`, or without "
+                  "remote code after `import surgeon`.", ""]
+    else:
+        lines += ["", f"A stock `{config['model_type']}` model: load with "
+                  "`AutoModelForCausalLM.from_pretrained(path)`.", ""]
     (out / "README.md").write_text("\n".join(lines))

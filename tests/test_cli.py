@@ -68,7 +68,8 @@ def corrupt(kind, src):
 
 CASES = {
     "missing config": "has no config.json",
-    "unsupported family": "unsupported model family 'gpt2'; supported: llama, mistral, qwen2, qwen3",
+    "unsupported family": "unsupported model family 'gpt2'; supported: llama, mistral, mixtral, qwen2, qwen2_moe, "
+                          "qwen3, qwen3_moe",
     "truncated": "truncated or corrupt",
     "corrupt header": "truncated or corrupt",
     "index missing shard": "names shard 'model-00001-of-00002.safetensors', which is missing",

@@ -8,13 +8,22 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+ALL_FAMILIES = FAMILIES + MOE_FAMILIES
 VOCAB = 128
+# a few small experts, top-2 routing (the families' defaults are 8-60 experts of 1-5k)
+MOE_KWARGS = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=40),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+}
 
 
 def tiny_config(family: str, tied: bool = False, **overrides):
     kwargs = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
-                  tie_word_embeddings=tied, head_dim=12)
+                  tie_word_embeddings=tied, head_dim=12, **MOE_KWARGS.get(family, {}))
     kwargs.update(overrides)
     return AutoConfig.for_model(family, **kwargs)
 
@@ -29,10 +38,11 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def make_tiny(path: Path, family: str = "llama", tied: bool = False, *, seed: int = 0,
-              tokenizer: bool = True, **save_kwargs) -> Path:
-    """A random model whose norm weights are not all ones (so a wrong λ rewrite shows in the logits)."""
+              tokenizer: bool = True, config_overrides: dict | None = None, **save_kwargs) -> Path:
+    """A random model whose norm weights are not all ones (so a wrong λ rewrite shows in the logits).
+    MoE families are written as transformers 5 writes them: one tensor per expert."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, tied))
+    model = AutoModelForCausalLM.from_config(tiny_config(family, tied, **(config_overrides or {})))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:

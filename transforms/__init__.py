@@ -1,10 +1,15 @@
-"""Transform passes. Each edits a Plan (surgeon/plan.py) and is function-preserving at its identity init;
-each file states its math at the top and its invariant is proved in the tests."""
+"""Transform passes. Each edits a Plan (surgeon/plan.py) and is function-preserving at its identity init (GLU
+only at α = 0, its annealing start); each file states its math at the top and its invariant is proved in the
+tests. A transform has `name` (its CLI name), `key` (its block in config["surgeon"]) and `apply(plan)`;
+`preserves_function` (default true) tells --verify whether the logits must match."""
 
+from .absorb_sinks import AbsorbSinks
 from .base import RESIDUAL_READERS, NormTransform
 from .gated_norm import DEFAULT_RANK, GatedNorm
+from .glu import GLU
 from .pre_affine import PreAffine
 
-TRANSFORMS = {cls.name: cls for cls in (GatedNorm, PreAffine)}
+TRANSFORMS = {cls.name: cls for cls in (GatedNorm, PreAffine, AbsorbSinks, GLU)}
 
-__all__ = ["DEFAULT_RANK", "RESIDUAL_READERS", "TRANSFORMS", "GatedNorm", "NormTransform", "PreAffine"]
+__all__ = ["DEFAULT_RANK", "GLU", "RESIDUAL_READERS", "TRANSFORMS", "AbsorbSinks", "GatedNorm", "NormTransform",
+           "PreAffine"]

@@ -3,6 +3,15 @@
 Each file names, as module-path patterns where `*` stands for a layer index, the norms (by role), which of them
 read the residual stream, which linears write it, the MLP layout, and where the embedding and LM head live.
 Adding a family is adding a file; no code branches on `model_type`.
+
+`residual_writers` are the writers as transformers holds them in memory: a module (its `.weight`, and `.bias` if
+any) or a fused parameter such as MoE experts' `down_proj` (num_experts, hidden, intermediate). Checkpoints in the
+wild may store a writer differently: `residual_writer_alternatives` lists, per writer, the other names it is found
+under (per-expert tensors such as Mixtral's `block_sparse_moe.experts.*.w2`, where the second `*` is the expert;
+the dense MLP of a MoE model's dense layers). Every layer must hold each writer under one of its names.
+In every writer tensor the residual dimension is the output axis: axis -2 of a weight ((out, in) or
+(experts, out, in)), axis -1 of a bias. `mlp.activation_modules` names the modules whose `act_fn` is the MLP's
+activation (dense MLP, experts, shared expert).
 """
 
 from __future__ import annotations
@@ -31,7 +40,8 @@ class Architecture:
     norms: dict[str, str]
     residual_readers: tuple[str, ...]
     residual_writers: tuple[str, ...]
-    mlp: dict[str, str] = field(default_factory=dict)
+    mlp: dict = field(default_factory=dict)
+    residual_writer_alternatives: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, data: dict) -> "Architecture":
@@ -45,8 +55,11 @@ class Architecture:
             lm_head=data["lm_head"],
             norms=dict(data["norms"]),
             residual_readers=tuple(data["residual_readers"]),
-            residual_writers=tuple(data["residual_writers"]),
+            residual_writers=tuple(data.get("residual_writers", ())),
             mlp=dict(data.get("mlp", {})),
+            residual_writer_alternatives={
+                k: tuple(v) for k, v in data.get("residual_writer_alternatives", {}).items()
+            },
         )
 
     def num_layers(self, config: dict) -> int:
@@ -62,6 +75,37 @@ class Architecture:
                 f"{self.model_type} has no {role!r} norm; its norms are: {', '.join(self.norms)}"
             )
         return self.norms[role]
+
+    @property
+    def activation_modules(self) -> tuple[str, ...]:
+        return tuple(self.mlp.get("activation_modules", ()))
+
+    def residual_writer_tensors(self, names, config: dict) -> list[tuple[str, int]]:
+        """Every tensor among `names` that writes the residual stream, with the axis holding the residual dimension
+        (the embedding excluded). Raises when the data describes no writers or a layer lacks one of them."""
+        if not self.residual_writers:
+            raise SurgeonError(f"the {self.model_type} architecture data describes no residual writers "
+                               f"(residual_writers in surgeon/architectures/{self.model_type}.json)")
+        names = list(names)
+        found: dict[str, int] = {}
+        layers = range(self.num_layers(config))
+        for writer in self.residual_writers:
+            covered: set[int] = set()
+            for pattern in (writer, *self.residual_writer_alternatives.get(writer, ())):
+                regex = tensor_regex(pattern)
+                for name in names:
+                    match = regex.match(name)
+                    if match:
+                        covered.add(int(match.group(1)) if regex.groups else -1)
+                        found[name] = -1 if name.endswith("bias") else -2
+            missing = [i for i in layers if i not in covered] if "*" in writer else ([] if covered else [None])
+            if missing:
+                where = f" in layer {missing[0]}" if missing[0] is not None else ""
+                raise SurgeonError(
+                    f"the checkpoint has no residual writer {writer!r}{where} (nor any of its alternative names); "
+                    f"the {self.model_type} architecture data does not describe this checkpoint"
+                )
+        return list(found.items())
 
     def expand(self, pattern: str, config: dict) -> list[str]:
         """A module-path pattern's concrete names, one per layer where it has a `*`."""
@@ -105,3 +149,8 @@ def for_config(config: dict) -> Architecture:
 
 def pattern_regex(pattern: str) -> re.Pattern:
     return re.compile("^" + "\\.".join("([0-9]+)" if p == "*" else re.escape(p) for p in pattern.split(".")) + "$")
+
+
+def tensor_regex(pattern: str) -> re.Pattern:
+    """The tensors of a module-or-parameter pattern: the name itself, or its `.weight` / `.bias`; `*` is an index."""
+    return re.compile(pattern_regex(pattern).pattern.removesuffix("$") + "(?:\\.(?:weight|bias))?$")

@@ -1,15 +1,21 @@
-"""surgeon convert SRC OUT --transform gated-norm [--transform pre-affine] [--rank 16] [--dtype] [--verify]"""
+"""surgeon convert SRC OUT --transform gated-norm [--transform pre-affine] [--rank 16] [--dtype] [--verify]
+    --transform absorb-sinks [--sinks auto | 507,1234] [--scale auto | N] [--scan scan.json] [--data TEXT]
+    --transform glu [--glu-alpha A]"""
 
 from __future__ import annotations
+
+import sys
+import warnings
 
 from rich.table import Table
 
 from rich.console import Console
+from ..errors import SurgeonError
 from ..transforms import DEFAULT_RANK, RESIDUAL_READERS, TRANSFORMS
 
 
 def add_parser(sub):
-    p = sub.add_parser("convert", help="insert identity-initialized GatedNorm / PreAffine modules",
+    p = sub.add_parser("convert", help="insert GatedNorm / PreAffine, absorb residual sinks, anneal SwiGLU → GLU",
                        description=__doc__)
     p.add_argument("source", help="source Hugging Face model directory")
     p.add_argument("output", help="output directory (must not exist unless --force)")
@@ -19,7 +25,22 @@ def add_parser(sub):
     p.add_argument("--targets", default=RESIDUAL_READERS,
                    help="comma-separated norm roles: residual (pre-attention, pre-MLP and final; the default), "
                         "or pre_attention, pre_mlp, final, q_norm, k_norm")
-    p.add_argument("--qk-norm", action="store_true", help="also target qwen3's per-head q_norm and k_norm")
+    p.add_argument("--qk-norm", action="store_true",
+                   help="also target the per-head q_norm and k_norm (qwen3, qwen3_moe)")
+    g = p.add_argument_group("absorb-sinks")
+    g.add_argument("--sinks", default="auto",
+                   help="residual-sink dimensions: auto (from the scan) or comma-separated indices such as 507,1234")
+    g.add_argument("--scale", default="auto",
+                   help="divide each sink by this power of two (rounded to one, with a warning); auto: the scan's "
+                        "scale_pow2, which brings the dimension to the typical level")
+    g.add_argument("--scan", default=None, help="scan.json of this model (from `surgeon scan`)")
+    g.add_argument("--data", default=None,
+                   help="text to scan when there is no --scan: .txt, .jsonl, a folder of them, or `default`")
+    g.add_argument("--scan-tokens", type=int, default=8192, help="text tokens scanned with --data (default 8192)")
+    g = p.add_argument_group("glu")
+    g.add_argument("--glu-alpha", type=float, default=0.0,
+                   help="α of act_α = (1−α)·silu + α·σ: 0 (default) keeps the function for annealing in training; "
+                        "1 converts to GLU directly (changes the function; a stock model if nothing else is added)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="store floating tensors in this dtype")
     p.add_argument("--shard-size", default="5GB", help="largest shard (default %(default)s)")
     p.add_argument("--verify", action="store_true", help="compare logits of source and result; fail above tolerance")
@@ -33,22 +54,39 @@ def build_transforms(args) -> list:
     roles = tuple(r.strip() for r in args.targets.split(",") if r.strip())
     if args.qk_norm:
         roles += ("q_norm", "k_norm")
+    names = list(args.transform)
+    if "absorb-sinks" in names and "pre-affine" in names and names.index("pre-affine") > names.index("absorb-sinks"):
+        raise SurgeonError("put pre-affine before absorb-sinks: absorb-sinks inserts PreAffine on the residual "
+                           "norms where absent and reuses one that is already there")
     built = []
-    for name in args.transform:
+    for name in names:
         cls = TRANSFORMS[name]
-        kwargs = {"roles": roles}
-        if name == "gated-norm":
-            kwargs["rank"] = args.rank
-        built.append(cls(**kwargs))
+        if name == "absorb-sinks":
+            built.append(cls(sinks=args.sinks, scale=args.scale, scan=args.scan, data=args.data,
+                             scan_tokens=args.scan_tokens, progress=True))
+        elif name == "glu":
+            built.append(cls(alpha=args.glu_alpha))
+        else:
+            kwargs = {"roles": roles}
+            if name == "gated-norm":
+                kwargs["rank"] = args.rank
+            built.append(cls(**kwargs))
     return built
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"surgeon: warning: {message}", file=sys.stderr)
 
 
 def run(args) -> int:
     from ..convert import convert
 
-    report = convert(args.source, args.output, build_transforms(args), dtype=args.dtype,
-                     shard_size=args.shard_size, force=args.force, verify=args.verify,
-                     tolerance=args.tolerance, seed=args.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UserWarning)
+        warnings.showwarning = _print_warning  # one line each, as the errors are
+        report = convert(args.source, args.output, build_transforms(args), dtype=args.dtype,
+                         shard_size=args.shard_size, force=args.force, verify=args.verify,
+                         tolerance=args.tolerance, seed=args.seed)
     table = Table(title=f"surgeon convert → {report.output}", show_header=False)
     table.add_row("family", report.family)
     table.add_row("transforms", ", ".join(report.transforms))
@@ -59,7 +97,9 @@ def run(args) -> int:
     table.add_row("source sha256", report.source_sha256[:16] + "…")
     if report.verify:
         v = report.verify
+        verdict = (f"[yellow]differs, as expected ({', '.join(v['changed_by'])} changes the function)[/]"
+                   if v.get("expected_to_differ") else "[green]ok[/]")
         table.add_row("verify", f"max |Δlogit| {v['max_abs_diff']:.3g} (relative {v['max_rel_diff']:.2g}) "
-                                f"over {v['tokens']} tokens: [green]ok[/]")
+                                f"over {v['tokens']} tokens: {verdict}")
     Console().print(table)
     return 0

@@ -5,10 +5,15 @@ from pathlib import Path
 from .modeling_surgeon import (
     BASE_MODEL_TYPES,
     CLASSES,
+    GLU_ACTIVATION,
+    AnnealedGLUActivation,
     SurgeonRMSNorm,
+    annealed_glu_reference,
     gated_norm_reference,
+    needs_surgeon_modules,
     register,
     rms_norm_reference,
+    set_glu_alpha,
     surgeon_model_type,
 )
 
@@ -16,6 +21,7 @@ from .modeling_surgeon import (
 MODELING_FILE = Path(__file__).with_name("modeling_surgeon.py")
 
 __all__ = [
-    "BASE_MODEL_TYPES", "CLASSES", "MODELING_FILE", "SurgeonRMSNorm", "gated_norm_reference", "register",
-    "rms_norm_reference", "surgeon_model_type",
+    "BASE_MODEL_TYPES", "CLASSES", "GLU_ACTIVATION", "MODELING_FILE", "AnnealedGLUActivation", "SurgeonRMSNorm",
+    "annealed_glu_reference", "gated_norm_reference", "needs_surgeon_modules", "register", "rms_norm_reference",
+    "set_glu_alpha", "surgeon_model_type",
 ]

@@ -1,4 +1,4 @@
-"""surgeon modeling: a stock transformers family plus GatedNorm / PreAffine norms.
+"""surgeon modeling: a stock transformers family plus GatedNorm / PreAffine norms and the annealed GLU activation.
 
 This file is copied verbatim into every converted checkpoint and named in its `auto_map`, so it must stay
 self-contained: torch and transformers only, no import of surgeon. When surgeon is importable, the norms run
@@ -9,9 +9,19 @@ definition both paths must match.
     PreAffine    N(λ1 ⊙ x)                                    identity at λ1 = 1
     GatedNorm    y = N(x);  out = y ⊙ σ(W_up · silu(W_down · y))
                  identity at W_up = 0 with λ doubled (σ(0) = ½; a power of two, exact in every float format)
+    GLU anneal   act_α(z) = (1 − α)·silu(z) + α·σ(z)           silu at α = 0 (bit for bit), σ at α = 1
 
-`config.surgeon` says which norms carry what: `{"gated_norm": {"rank": r, "targets": [...]},
-"pre_affine": {"targets": [...]}}`, targets being module names with `*` standing for a layer index.
+`config.surgeon` says which modules carry what: `{"gated_norm": {"rank": r, "targets": [...]},
+"pre_affine": {"targets": [...]}, "glu": {"alpha": α, "targets": [...]}}`, targets being module names with `*`
+standing for a layer index (for "glu": the modules whose `act_fn` is the MLP activation — dense MLP, experts,
+shared expert). α lives in the config and, in the model, in a non-persistent buffer of every annealed activation:
+a trainer moves it with `set_glu_alpha(model, α)`, which keeps the two in step, so a saved model says its α.
+A model whose `hidden_act` already is "sigmoid" (α = 1, exported) runs the stock activation.
+
+MoE families: transformers 5 holds the experts fused ((experts, out, in) parameters) and converts per-expert
+checkpoints (`experts.N.down_proj.weight`, Mixtral's `block_sparse_moe.experts.N.w2.weight`) while loading, by a
+mapping keyed by model_type. Importing this file registers the base family's mapping for our surgeon_* type, so a
+converted checkpoint loads whichever layout it stores, with surgeon installed or as remote code.
 """
 
 from __future__ import annotations
@@ -27,8 +37,9 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 import transformers
 from transformers import initialization as init
 
-# Base families whose norms are the plain RMSNorm above (weight applied as is).
-BASE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Base families whose norms are the plain RMSNorm above (weight applied as is) and whose MLPs are SwiGLU.
+BASE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+GLU_ACTIVATION = "sigmoid"  # the stock `hidden_act` of a GLU model: what act_α is at α = 1
 
 
 # ----------------------------------------------------------------------------- reference math
@@ -37,9 +48,9 @@ BASE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 def rms_norm_reference(x, weight, eps, pre_affine=None):
     """N(λ1 ⊙ x): fp32 statistics, output in x's dtype times λ, exactly as transformers' LlamaRMSNorm."""
     dtype = x.dtype
-    h = x.to(torch.float32)
+    h = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 statistics; float64 stays float64
     if pre_affine is not None:
-        h = h * pre_affine.to(torch.float32)
+        h = h * pre_affine.to(h.dtype)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(dtype)
 
@@ -115,6 +126,34 @@ class SurgeonRMSNorm(nn.Module):
         return ", ".join(extras)
 
 
+# ----------------------------------------------------------------------------- the annealed activation
+
+
+def annealed_glu_reference(z, alpha):
+    """act_α(z) = (1 − α)·silu(z) + α·σ(z): exactly F.silu at α = 0 and exactly torch.sigmoid at α = 1."""
+    return (1 - alpha) * F.silu(z) + alpha * torch.sigmoid(z)
+
+
+class AnnealedGLUActivation(nn.Module):
+    """The MLP activation while SwiGLU is annealed into GLU; `alpha` is a buffer (not saved: the config holds α)."""
+
+    def __init__(self, alpha: float = 0.0):
+        super().__init__()
+        self.initial_alpha = float(alpha)
+        self.register_buffer("alpha", torch.tensor(float(alpha)), persistent=False)
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """α from the config; needed because transformers builds the model on the meta device."""
+        self.alpha.fill_(self.initial_alpha)
+
+    def forward(self, z):
+        return annealed_glu_reference(z, self.alpha)
+
+    def extra_repr(self):
+        return f"alpha={self.initial_alpha}"
+
+
 def target_regex(patterns):
     """Module-name patterns (`*` = one path component, e.g. a layer index) as one compiled regex."""
     if not patterns:
@@ -146,19 +185,73 @@ def install_norms(model: nn.Module, surgeon: dict) -> list[str]:
     return replaced
 
 
+def _activation_key(glu: dict) -> str:
+    return glu.get("activation_key", "hidden_act")
+
+
+def install_activations(model: nn.Module, config) -> list[str]:
+    """Replace the `act_fn` of every module `config.surgeon["glu"]` targets by an AnnealedGLUActivation at the
+    config's α; nothing when there is no glu block or the family already runs the GLU activation."""
+    glu = (getattr(config, "surgeon", None) or {}).get("glu")
+    if not glu or getattr(config, _activation_key(glu), None) == GLU_ACTIVATION:
+        return []
+    regex = target_regex(glu.get("targets"))
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if regex and regex.match(name) and isinstance(getattr(module, "act_fn", None), nn.Module):
+            module.act_fn = AnnealedGLUActivation(glu.get("alpha", 0.0))
+            replaced.append(f"{name}.act_fn")
+    if not replaced:
+        raise ValueError(f"surgeon: no module matching {glu.get('targets')} has an act_fn to anneal")
+    return replaced
+
+
+@torch.no_grad()
+def set_glu_alpha(model: nn.Module, alpha: float) -> int:
+    """Set α of every annealed activation and of the config (what save_pretrained writes); returns how many."""
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"surgeon: GLU α must lie in [0, 1], got {alpha}")
+    modules = [m for m in model.modules() if isinstance(m, AnnealedGLUActivation)]
+    if not modules:
+        raise ValueError("surgeon: the model has no annealed GLU activation (convert it with --transform glu)")
+    for module in modules:
+        module.alpha.fill_(alpha)
+        module.initial_alpha = alpha
+    model.config.surgeon["glu"]["alpha"] = alpha
+    return len(modules)
+
+
+def needs_surgeon_modules(config: dict) -> bool:
+    """Whether a config (as a dict) needs this file's modules, or is a stock family model (e.g. GLU at α = 1)."""
+    surgeon = config.get("surgeon") or {}
+    glu = surgeon.get("glu")
+    return bool(surgeon.get("gated_norm") or surgeon.get("pre_affine")
+                or (glu and config.get(_activation_key(glu)) != GLU_ACTIVATION))
+
+
 # ----------------------------------------------------------------------------- config and model classes
 
 
 class SurgeonMixin:
-    """Builds the base family, then swaps in the norms `config.surgeon` names. Nothing else differs."""
+    """Builds the base family, then swaps in the norms and activations `config.surgeon` names. Nothing else
+    differs."""
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        for name in install_norms(self, getattr(config, "surgeon", None)):
+        for name in install_norms(self, getattr(config, "surgeon", None)) + install_activations(self, config):
             self._init_weights(self.get_submodule(name))
 
+    def initialize_weights(self):
+        """transformers initializes the inner base model with the base family's `_init_weights`, which does not
+        know the annealed activation, and builds it on the meta device: set α from the config afterwards."""
+        super().initialize_weights()
+        for module in self.modules():
+            if isinstance(module, AnnealedGLUActivation):
+                module.reset_parameters()
+
     def _init_weights(self, module):
-        if isinstance(module, SurgeonRMSNorm):
+        if isinstance(module, (SurgeonRMSNorm, AnnealedGLUActivation)):
             module.reset_parameters()
         else:
             super()._init_weights(module)
@@ -185,6 +278,27 @@ for _base in BASE_MODEL_TYPES:
         globals()[_cls.__name__] = _cls
 
 
+def register_weight_conversions():
+    """Give each surgeon_* type its base family's checkpoint conversion (per-expert tensors → fused experts).
+
+    transformers keys these mappings by model_type and skips them for custom code unless registered, so without
+    this a surgeon_mixtral model would leave its experts uninitialized when loading a per-expert checkpoint."""
+    try:
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping,
+            register_checkpoint_conversion_mapping,
+        )
+    except ImportError:  # a transformers without conversion mappings loads checkpoints as stored
+        return
+    for base in BASE_MODEL_TYPES:
+        mapping = get_checkpoint_conversion_mapping(base)
+        if mapping:
+            register_checkpoint_conversion_mapping(surgeon_model_type(base), mapping, overwrite=True)
+
+
+register_weight_conversions()  # at import: also when transformers imports this file as a checkpoint's remote code
+
+
 def register():
     """Register every surgeon family with the Auto classes (what `import surgeon` does)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -192,3 +306,4 @@ def register():
     for base, (config_cls, model_cls) in CLASSES.items():
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
         AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+    register_weight_conversions()

@@ -1,0 +1,72 @@
+"""SwiGLU → GLU, annealed (DESIGN §3).
+
+    SwiGLU   down(up(x) ⊙ silu(gate(x)))          GLU   down(up(x) ⊙ σ(gate(x)))
+    act_α(z) = (1 − α)·silu(z) + α·σ(z)           α = 0: silu (bit for bit);  α = 1: σ (bit for bit)
+
+silu(z) = z·σ(z), so the two differ and cannot be swapped without changing the function: the MLP activation of
+every dense MLP, expert and shared expert (the architecture data's `mlp.activation_modules`) becomes act_α, with
+α in the config (`surgeon.glu.alpha`) and in a non-persistent buffer of each activation module, which a trainer
+drives from 0 to 1 (`surgeon.modeling.set_glu_alpha`). No tensor changes and none is added.
+
+At α = 0 (the default) the pass is function-preserving. `alpha=1` converts directly, with a warning: the model
+then is a stock GLU model (`hidden_act: "sigmoid"`), written with its stock model_type and no custom code when it
+carries no other surgeon module; `--verify` reports by how much the logits moved instead of failing.
+Invariant (tests/test_absorb_glu_moe.py): α = 0 gives identical logits; α = 1 loads in stock transformers without
+remote code and equals the source model computed with `hidden_act="sigmoid"`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+from surgeon.errors import SurgeonError
+from surgeon.modeling import GLU_ACTIVATION
+from surgeon.plan import Plan
+
+SWIGLU_ACTIVATIONS = ("silu", "swish")
+
+
+@dataclass
+class GLU:
+    alpha: float = 0.0
+    name = "glu"
+    key = "glu"
+
+    def __post_init__(self):
+        try:
+            self.alpha = float(self.alpha)
+        except (TypeError, ValueError):
+            self.alpha = math.nan
+        if not 0.0 <= self.alpha <= 1.0:
+            raise SurgeonError(f"--glu-alpha must lie in [0, 1] (0 keeps the function, 1 is GLU); got {self.alpha}")
+
+    @property
+    def preserves_function(self) -> bool:
+        return self.alpha == 0.0
+
+    def apply(self, plan: Plan) -> None:
+        arch = plan.arch
+        if self.key in plan.surgeon:
+            raise SurgeonError(f"the model already has glu (α = {plan.surgeon[self.key].get('alpha')}); converting "
+                               "again would anneal twice: convert the original checkpoint instead")
+        act_key, targets = arch.mlp.get("activation"), arch.activation_modules
+        if not act_key or not targets:
+            raise SurgeonError(f"the {arch.model_type} architecture data names no MLP activation "
+                               f"(mlp.activation, mlp.activation_modules): glu cannot be applied")
+        act = plan.config.get(act_key)
+        if act == GLU_ACTIVATION:
+            raise SurgeonError(f"the model already is a GLU model ({act_key}: {act!r}): nothing to anneal")
+        if act not in SWIGLU_ACTIVATIONS:
+            raise SurgeonError(f"glu anneals a SwiGLU MLP ({act_key}: 'silu'); this model's {act_key} is {act!r}")
+        if self.alpha == 1.0:
+            warnings.warn("glu at α = 1 changes the function: the MLPs become GLU (sigmoid); continued training, "
+                          "not this conversion, recovers the model's quality", stacklevel=2)
+            plan.config[act_key] = GLU_ACTIVATION
+        elif self.alpha > 0.0:
+            warnings.warn(f"glu at α = {self.alpha:g} changes the function (only α = 0 preserves it)", stacklevel=2)
+        plan.surgeon[self.key] = {"alpha": self.alpha, "targets": list(targets), "activation_key": act_key,
+                                  "from": act, "to": GLU_ACTIVATION}
+        plan.surgeon.setdefault("transforms", []).append(self.name)
+        plan.applied.append(self.name)
