@@ -9,11 +9,13 @@ import sys
 
 from .errors import SurgeonError
 
-COMMANDS = ["convert", "inspect"]
+COMMANDS = ["convert", "inspect", "scan", "import_gguf", "eval", "pipeline"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="surgeon", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="surgeon", description="Model surgery for Hugging Face causal LMs: scan outliers, insert GatedNorm / "
+        "PreAffine with the same function, evaluate W4A4.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"surgeon.commands.{name}").add_parser(sub)

@@ -1,0 +1,33 @@
+"""surgeon pipeline [--model default] [--data default] --out DIR: the main job — scan the source, convert it
+(GatedNorm + PreAffine, verified), scan the result, evaluate both (fp32, NVFP4 and INT4 W4A4), write report.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_parser(sub):
+    from ..pipeline import PipelineConfig
+
+    d = PipelineConfig()
+    p = sub.add_parser("pipeline", help="the main job: scan → convert → verify → scan → eval → report",
+                       description=__doc__)
+    p.add_argument("--model", default=d.model, help="model directory, .gguf, hub id, or 'default' (SmolLM2-135M)")
+    p.add_argument("--data", default=d.data, help="text file, folder, JSONL, or 'default' (Shakespeare)")
+    p.add_argument("--out", type=Path, required=True, help="run directory (must not exist unless --force)")
+    p.add_argument("--rank", type=int, default=d.rank, help="GatedNorm rank (%(default)s)")
+    p.add_argument("--scan-tokens", type=int, default=d.scan_tokens, help="calibration tokens (%(default)s)")
+    p.add_argument("--eval-windows", type=int, default=d.eval_windows, help="evaluation windows (%(default)s)")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per window (%(default)s)")
+    p.add_argument("--force", action="store_true", help="replace an existing run directory")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..pipeline import PipelineConfig
+    from ..pipeline import run as run_pipeline
+
+    cfg = PipelineConfig(model=args.model, data=args.data, rank=args.rank, scan_tokens=args.scan_tokens,
+                         eval_windows=args.eval_windows, seq_len=args.seq_len)
+    run_pipeline(cfg, args.out, force=args.force)
+    return 0
