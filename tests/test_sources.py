@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from surgeon.io.digest import file_sha256
 from surgeon import sources
 from surgeon.cli import main as cli_main
 from surgeon.errors import SurgeonError
@@ -168,7 +169,7 @@ def test_gguf_round_trip_gives_the_same_logits(tmp_path, cache, tie):
     gguf_file = write_gguf(model, tmp_path / "tiny.gguf")
 
     path = sources.resolve_model(gguf_file)
-    sha = sources.file_sha256(gguf_file)
+    sha = file_sha256(gguf_file)
     assert path == cache / "gguf" / sha[:16]
     assert sorted(p.name for p in cache.joinpath("gguf").iterdir()) == [sha[:16]]  # no leftover temp dirs
     record = json.loads((path / "surgeon_import.json").read_text())
@@ -206,6 +207,17 @@ def test_import_gguf_command(tmp_path, cache, capsys):
     loaded, _ = sources.load_model(out)
     assert loaded.model.embed_tokens.weight.dtype == torch.float32
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp or backup dirs left
+
+
+def test_convert_takes_a_gguf_file(tmp_path, cache, capsys):
+    model = tiny_llama()
+    gguf_file = write_gguf(model, tmp_path / "tiny.gguf")
+    out = tmp_path / "gated"
+    assert cli_main(["convert", str(gguf_file), str(out), "-t", "gated-norm", "--rank", "4", "--verify"]) == 0
+    assert "ok" in capsys.readouterr().out
+    converted, _ = sources.load_model(out)
+    ids = torch.randint(0, VOCAB, (2, 24))
+    torch.testing.assert_close(logits(converted, ids), logits(model, ids), rtol=0, atol=1e-5)
 
 
 def test_corrupt_gguf_is_one_line_and_writes_nothing(tmp_path, cache, capsys):

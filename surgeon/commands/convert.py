@@ -17,7 +17,8 @@ from ..transforms import DEFAULT_RANK, RESIDUAL_READERS, TRANSFORMS
 def add_parser(sub):
     p = sub.add_parser("convert", help="insert GatedNorm / PreAffine, absorb residual sinks, anneal SwiGLU → GLU",
                        description=__doc__)
-    p.add_argument("source", help="source Hugging Face model directory")
+    p.add_argument("source", help="source: a Hugging Face model directory, a .gguf file (dequantized first), a hub "
+                                  "id in the local cache, or 'default' (SmolLM2-135M)")
     p.add_argument("output", help="output directory (must not exist unless --force)")
     p.add_argument("--transform", "-t", action="append", required=True, choices=sorted(TRANSFORMS),
                    help="a transform pass; repeat to compose (applied in the order given)")
@@ -47,6 +48,8 @@ def add_parser(sub):
     p.add_argument("--tolerance", type=float, default=None, help="relative logit tolerance for --verify (1e-5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random W_down initialization")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="(dangerous) let transformers run the source's own code when importing a GGUF")
     p.set_defaults(func=run)
 
 
@@ -80,11 +83,13 @@ def _print_warning(message, category, filename, lineno, file=None, line=None):
 
 def run(args) -> int:
     from ..convert import convert
+    from ..sources import resolve_model
 
+    source = resolve_model(args.source, trust_remote_code=args.trust_remote_code)
     with warnings.catch_warnings():
         warnings.simplefilter("always", UserWarning)
         warnings.showwarning = _print_warning  # one line each, as the errors are
-        report = convert(args.source, args.output, build_transforms(args), dtype=args.dtype,
+        report = convert(source, args.output, build_transforms(args), dtype=args.dtype,
                          shard_size=args.shard_size, force=args.force, verify=args.verify,
                          tolerance=args.tolerance, seed=args.seed)
     table = Table(title=f"surgeon convert → {report.output}", show_header=False)

@@ -15,12 +15,13 @@ import tempfile
 import threading
 from pathlib import Path
 
+from ..paths import cache_dir
+
 CHUNK = 1 << 24
 
 
 def cache_file() -> Path:
-    root = Path(os.environ.get("SURGEON_CACHE", Path.home() / ".cache" / "surgeon"))
-    return root / "sha256.json"
+    return cache_dir() / "sha256.json"
 
 
 def _key(path: Path) -> str:
@@ -53,6 +54,16 @@ def file_sha256(path: Path) -> str:
         while chunk := fh.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def cached_file_sha256(path: Path) -> str:
+    """file_sha256 through the cache (a large GGUF is hashed once, not at every use)."""
+    cache = _load_cache()
+    key = _key(path)
+    if key not in cache:
+        cache[key] = file_sha256(path)
+        _save_cache(cache)
+    return cache[key]
 
 
 def checkpoint_digest(file_digests: dict[str, str]) -> str:
