@@ -1,4 +1,5 @@
-"""The main job, stage by stage: scan the source → convert (verified) → scan the result → evaluate both
+"""The main job, stage by stage: scan the source → convert (GatedNorm, PreAffine, and the scanned residual
+sinks absorbed into PreAffine; verified) → scan the result → evaluate both
 (perplexity, NVFP4 and INT4 W4A4) → a markdown report with the tables and plots.
 
 Every stage is a library call that also runs alone from the CLI (scan, convert, eval); this module only
@@ -18,10 +19,10 @@ import torch
 from .convert import convert
 from .evaluate import ModelEval, evaluate_model
 from .io import staged_directory
-from .progress import console
+from .progress import console, progress_bar
 from .scan import ScanReport, scan
 from .sources import iter_token_windows, load_model, resolve_model, resolve_text
-from .transforms import GatedNorm, PreAffine
+from .transforms import AbsorbSinks, GatedNorm, PreAffine
 
 EVAL_FORMATS = ("nvfp4", "int4")
 
@@ -67,7 +68,8 @@ def _scan_and_eval(label: str, model_dir: Path, paths: list[Path], cfg: Pipeline
                                            cfg.batch_size, skip_tokens=cfg.eval_skip_tokens))
     console.print(f"[bold]eval[/] {label}: fp32, {', '.join(f.upper() for f in EVAL_FORMATS)} W4A4 on "
                   f"{cfg.eval_windows} × {cfg.seq_len} tokens")
-    result.evals[label] = evaluate_model(model, eval_windows, EVAL_FORMATS, name=label)
+    with progress_bar(f"eval {label}", 1 + len(EVAL_FORMATS)) as advance:
+        result.evals[label] = evaluate_model(model, eval_windows, EVAL_FORMATS, name=label, advance=advance)
     result.stages[f"eval {label}"] = time.perf_counter() - t
 
 
@@ -81,9 +83,12 @@ def run(cfg: PipelineConfig, out: str | Path, *, force: bool = False) -> Pipelin
         console.rule(f"[bold]1/3 source[/] {cfg.model}")
         _scan_and_eval("source", source, paths, cfg, tmp, result)
 
-        console.rule("[bold]2/3 convert[/] gated-norm + pre-affine, verified")
+        console.rule("[bold]2/3 convert[/] gated-norm + pre-affine + absorb-sinks, verified")
         t = time.perf_counter()
-        report = convert(source, tmp / "model", [GatedNorm(rank=cfg.rank), PreAffine()], verify=True)
+        passes = [GatedNorm(rank=cfg.rank), PreAffine()]
+        if result.scans["source"].sinks:
+            passes.append(AbsorbSinks(scan=tmp / "scan-source" / "scan.json"))
+        report = convert(source, tmp / "model", passes, verify=True)
         result.verify = report.verify
         result.stages["convert + verify"] = time.perf_counter() - t
 
@@ -92,6 +97,12 @@ def run(cfg: PipelineConfig, out: str | Path, *, force: bool = False) -> Pipelin
         write_report(tmp, cfg, result, report)
     console.print(f"[green]report:[/] {out / 'report.md'}")
     return result
+
+
+def _absorbed(conversion) -> str:
+    block = json.loads((conversion.output / "config.json").read_text()).get("surgeon", {})
+    sinks = (block.get("absorb_sinks") or {}).get("sinks") or []
+    return "; absorbed " + ", ".join(f"dim {s['dim']} ÷{s['scale']:g}" for s in sinks) if sinks else ""
 
 
 def _fmt(x: float) -> str:
@@ -103,7 +114,7 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
     lines = [
         f"# surgeon main job: {cfg.model}", "",
         f"Model `{cfg.model}` ({conversion.family}, {conversion.params_before:,} parameters), text `{cfg.data}`. "
-        f"Converted with {', '.join(conversion.transforms)} (rank {cfg.rank}): "
+        f"Converted with {', '.join(conversion.transforms)} (rank {cfg.rank}{_absorbed(conversion)}): "
         f"+{conversion.params_after - conversion.params_before:,} parameters; verified max |Δlogit| "
         f"{result.verify['max_abs_diff']:.3g} over {result.verify['tokens']} tokens.", "",
         "## Outliers", "",
@@ -127,9 +138,14 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
     for label, ev in result.evals.items():
         lines.append(f"| {label} | {ev.perplexity['none']:.2f} | "
                      + " | ".join(f"{ev.perplexity[f]:,.1f} (×{ev.ratio(f):.2f})" for f in EVAL_FORMATS) + " |")
-    lines += ["", "The converted model computes the same function as the source (identity-initialized gates), so "
-              "its outliers and quantized perplexity match the source's until continued pretraining trains "
-              "them away.", "", "## Plots", ""]
+    lines += ["", "The converted model computes the same function as the source: the gates are identity-initialized, "
+              "and each sink dimension is divided by a power of two in every residual writer (embedding, o_proj and "
+              "down_proj rows) and multiplied back in every reading norm's PreAffine. The residual stream shrinks "
+              "while every norm output, and so every linear layer's input, stays bit-identical: activation "
+              "quantization sees the same values. INT4's per-group weight scales shrink with the rescaled rows, so "
+              "INT4 is unchanged too; NVFP4's FP8 block scales are relative to one scale per tensor, so the "
+              "shrunken rows lose a little precision. The outliers in the linear inputs, which W4A4 suffers from, "
+              "are what continued pretraining (issue 6) has to train away.", "", "## Plots", ""]
     for label in ("source", "converted"):
         for png in sorted((out / f"scan-{label}").glob("*.png")):
             lines.append(f"![{label} {png.stem}](scan-{label}/{png.name})")

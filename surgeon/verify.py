@@ -11,10 +11,14 @@ from pathlib import Path
 import torch
 
 PROMPTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "To be, or not to be, that is the question:",
-    "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs, and then tell me, "
+    "in plain words, how the weather has been in the mountains this spring.",
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and arrows "
+    "of outrageous fortune, or to take arms against a sea of troubles.",
+    "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n\n"
+    "for i in range(10):\n    print(i, fibonacci(i))\n",
 ]
+PROMPT_TOKENS = 64
 DEFAULT_TOLERANCE = 1e-5  # relative to max |logit|; identity inserts are exact in fp32, so this is generous
 
 
@@ -23,13 +27,13 @@ def _prompt_ids(model_dir: Path, vocab_size: int) -> torch.Tensor:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(model_dir)
-        ids = [tok(p)["input_ids"][:32] for p in PROMPTS]
+        ids = [tok(p)["input_ids"][:PROMPT_TOKENS] for p in PROMPTS]
         length = min(len(i) for i in ids)
-        if length >= 4 and max(max(i) for i in ids) < vocab_size:
+        if length >= 16 and max(max(i) for i in ids) < vocab_size:
             return torch.tensor([i[:length] for i in ids])
     except Exception:  # no tokenizer in the directory: fall back to fixed random ids
         pass
-    return torch.randint(0, vocab_size, (len(PROMPTS), 24), generator=torch.Generator().manual_seed(0))
+    return torch.randint(0, vocab_size, (len(PROMPTS), PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
 
 
 def load_fp32(path: Path, dtype: torch.dtype | None = None):
