@@ -82,20 +82,26 @@ def int4(x: torch.Tensor, *, group: int | None) -> torch.Tensor:
     return q.reshape(*xf.shape[:-1], -1)[..., :d].to(dtype)
 
 
+# per format: (weights, activations): weights per tensor / per group, activations dynamic per token
+_QUANTIZERS = {
+    "nvfp4": (lambda w: nvfp4(w, per_row=False), lambda x: nvfp4(x, per_row=True)),
+    "int4": (lambda w: int4(w, group=INT4_GROUP), lambda x: int4(x, group=None)),
+}
+
+
+def _quantizers(fmt: str):
+    try:
+        return _QUANTIZERS[fmt]
+    except KeyError:
+        raise SurgeonError(f"unknown quantization format {fmt!r}; use one of {', '.join(FORMATS)}") from None
+
+
 def quantize_weight(w: torch.Tensor, fmt: str) -> torch.Tensor:
-    if fmt == "nvfp4":
-        return nvfp4(w, per_row=False)
-    if fmt == "int4":
-        return int4(w, group=INT4_GROUP)
-    raise SurgeonError(f"unknown quantization format {fmt!r}; use one of {', '.join(FORMATS)}")
+    return _quantizers(fmt)[0](w)
 
 
 def quantize_activation(x: torch.Tensor, fmt: str) -> torch.Tensor:
-    if fmt == "nvfp4":
-        return nvfp4(x, per_row=True)
-    if fmt == "int4":
-        return int4(x, group=None)
-    raise SurgeonError(f"unknown quantization format {fmt!r}; use one of {', '.join(FORMATS)}")
+    return _quantizers(fmt)[1](x)
 
 
 def quantized_linears(model: nn.Module, skip: tuple[str, ...] = DEFAULT_SKIP) -> list[tuple[str, nn.Linear]]:
@@ -110,17 +116,15 @@ def fake_quantized(model: nn.Module, fmt: str, skip: tuple[str, ...] = DEFAULT_S
     if fmt == "none":
         yield 0
         return
-    if fmt not in FORMATS:
-        raise SurgeonError(f"unknown quantization format {fmt!r}; use one of {', '.join(FORMATS)}")
+    quantize_w, quantize_x = _quantizers(fmt)
     layers = quantized_linears(model, skip)
     saved, hooks = [], []
     try:
         with torch.no_grad():
             for _, layer in layers:
                 saved.append((layer, layer.weight.data))
-                layer.weight.data = quantize_weight(layer.weight.data, fmt)
-                hooks.append(layer.register_forward_pre_hook(
-                    lambda mod, args: (quantize_activation(args[0], fmt), *args[1:])))
+                layer.weight.data = quantize_w(layer.weight.data)
+                hooks.append(layer.register_forward_pre_hook(lambda mod, args: (quantize_x(args[0]), *args[1:])))
         yield len(layers)
     finally:
         for hook in hooks:

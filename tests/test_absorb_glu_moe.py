@@ -21,7 +21,7 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny import ALL_FAMILIES, MOE_FAMILIES, input_ids, logits, make_tiny, tiny_config, tiny_tokenizer
+from tiny import ALL_FAMILIES, HIDE_SURGEON, MOE_FAMILIES, input_ids, logits, make_tiny, tiny_config, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from surgeon.cli import main
@@ -478,13 +478,8 @@ def test_surgeon_moe_round_trip(sources, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-LOAD_WITHOUT_SURGEON = textwrap.dedent("""
-    import importlib.abc, sys, json
-    class HideSurgeon(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "surgeon" or name.startswith("surgeon."):
-                raise ImportError("surgeon is not installed here")
-    sys.meta_path.insert(0, HideSurgeon())
+LOAD_WITHOUT_SURGEON = HIDE_SURGEON + textwrap.dedent("""
+    import json
     import torch
     from transformers import AutoModelForCausalLM
     ids = torch.tensor({ids})

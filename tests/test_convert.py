@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 from safetensors import safe_open
-from tiny import FAMILIES, input_ids, logits, make_tiny
+from tiny import FAMILIES, HIDE_SURGEON, input_ids, logits, make_tiny
 
 from surgeon.convert import convert
 from surgeon.errors import SurgeonError
@@ -251,13 +251,7 @@ def test_force_replaces_existing(sources, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-LOAD_WITHOUT_SURGEON = textwrap.dedent("""
-    import importlib.abc, sys
-    class HideSurgeon(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "surgeon" or name.startswith("surgeon."):
-                raise ImportError("surgeon is not installed here")
-    sys.meta_path.insert(0, HideSurgeon())
+LOAD_WITHOUT_SURGEON = HIDE_SURGEON + textwrap.dedent("""
     import torch
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import torch
@@ -65,3 +66,14 @@ def logits(path: Path, ids: torch.Tensor | None = None, dtype=torch.float32) -> 
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     return model(input_ids=input_ids() if ids is None else ids).logits.float()
+
+
+# Prepended to a subprocess script: makes surgeon unimportable, as on a machine with only torch + transformers.
+HIDE_SURGEON = textwrap.dedent("""
+    import importlib.abc, sys
+    class HideSurgeon(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "surgeon" or name.startswith("surgeon."):
+                raise ImportError("surgeon is not installed here")
+    sys.meta_path.insert(0, HideSurgeon())
+""")
