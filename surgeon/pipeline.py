@@ -102,7 +102,10 @@ def run(cfg: PipelineConfig, out: str | Path, *, force: bool = False) -> Pipelin
 def _absorbed(conversion) -> str:
     block = json.loads((conversion.output / "config.json").read_text()).get("surgeon", {})
     sinks = (block.get("absorb_sinks") or {}).get("sinks") or []
-    return "; absorbed " + ", ".join(f"dim {s['dim']} ÷{s['scale']:g}" for s in sinks) if sinks else ""
+    if not sinks:
+        return ""
+    untied = " and the LM head untied from the embedding" if block["absorb_sinks"].get("untied_lm_head") else ""
+    return "; absorbed " + ", ".join(f"dim {s['dim']} ÷{s['scale']:g}" for s in sinks) + untied
 
 
 def _fmt(x: float) -> str:

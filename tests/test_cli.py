@@ -41,6 +41,7 @@ def test_convert_and_inspect(good, tmp_path, capsys):
     assert info["transforms"] == ["gated-norm", "pre-affine"] and info["gate_rank"] == 4
     assert info["norms"]["final"]["carries"] == ["pre_affine", "gate"]
     assert info["family"] == "llama" and info["model_type"] == "surgeon_llama"
+    assert info["absorbed_sinks"] == [] and info["glu_alpha"] is None
 
 
 def corrupt(kind, src):

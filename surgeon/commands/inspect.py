@@ -40,6 +40,8 @@ def describe(path) -> dict:
         "tied_embeddings": arch.tied(config), "has_lm_head": arch.lm_head in ckpt, "norms": norms,
         "transforms": block.get("transforms", []),
         "gate_rank": (block.get("gated_norm") or {}).get("rank"),
+        "absorbed_sinks": [{"dim": e["dim"], "scale": e["scale"]} for e in (block.get("absorb_sinks") or {}).get("sinks", [])],
+        "glu_alpha": (block.get("glu") or {}).get("alpha"),
         "source_sha256": block.get("source_sha256"),
     }
 
@@ -60,7 +62,11 @@ def run(args) -> int:
     for role, n in info["norms"].items():
         table.add_row(f"norm {role}", f"{n['count']} × {n['pattern']}"
                                       + (f"  [cyan]+ {', '.join(n['carries'])}[/]" if n["carries"] else ""))
-    table.add_row("transforms", ", ".join(info["transforms"]) or "none"
+    table.add_row("transforms", (", ".join(info["transforms"]) or "none")
                   + (f" (gate rank {info['gate_rank']})" if info["gate_rank"] else ""))
+    if info["absorbed_sinks"]:
+        table.add_row("absorbed sinks", ", ".join(f"dim {e['dim']} ÷{e['scale']:g}" for e in info["absorbed_sinks"]))
+    if info["glu_alpha"] is not None:
+        table.add_row("GLU α", f"{info['glu_alpha']:g} (0 = SwiGLU, 1 = GLU)")
     Console().print(table)
     return 0
