@@ -8,6 +8,7 @@ import json
 from tiny import make_tiny
 
 from surgeon.cli import main
+from surgeon.commands.inspect import describe
 from surgeon.pipeline import PipelineConfig, run
 
 TEXT = ("Now is the winter of our discontent made glorious summer by this sun of York; and all the clouds that "
@@ -35,6 +36,9 @@ def test_pipeline_runs_end_to_end(tmp_path):
     block = json.loads((out / "model" / "config.json").read_text())["surgeon"]
     assert block["transforms"] == ["gated-norm", "pre-affine", "absorb-sinks"]
     assert [s["dim"] for s in block["absorb_sinks"]["sinks"]] == [7]
+    info = describe(out / "model")
+    assert [e["dim"] for e in info["absorbed_sinks"]] == [7] and info["gate_rank"] == 4
+    assert not info["tied_embeddings"] and info["has_lm_head"]  # absorb-sinks untied the LM head
     report = (out / "report.md").read_text()
     assert "| residual peak max" in report and "INT4 W4A4" in report and "dim 7 ÷" in report
     for label in ("source", "converted"):
