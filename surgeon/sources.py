@@ -23,14 +23,13 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from .errors import SurgeonError
+from .io.atomic import check_destination, staged_directory
 from .io.digest import cached_file_sha256
 from .paths import cache_dir
 
@@ -221,25 +220,18 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype:
         dtype = DTYPES[dtype]
     if not gguf_path.is_file():
         raise SurgeonError(f"GGUF file {gguf_path} not found: check the path")
-    if out_dir.exists() and not (force or exist_ok):
-        raise SurgeonError(f"{out_dir} already exists: choose another output directory or pass --force")
+    check_destination(out_dir, force=force, exist_ok=exist_ok)  # before the slow load, not after
     header = inspect_gguf(gguf_path)
     sha256 = sha256 or cached_file_sha256(gguf_path)
 
     model, tokenizer = _load_gguf(gguf_path, dtype, trust_remote_code)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with staged_directory(out_dir, force=force, exist_ok=exist_ok) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         record = {"source": gguf_path.name, "sha256": sha256, "gguf": header,
                   "dtype": str(dtype).removeprefix("torch."), "transformers": _transformers_version()}
         (staging / _IMPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        _move_into_place(staging, out_dir, replace=force, exist_ok=exist_ok)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 
@@ -279,28 +271,6 @@ def _load_gguf(gguf_path: Path, dtype: torch.dtype, trust_remote_code: bool):
     model.tie_weights()
     model.eval()
     return model, tokenizer
-
-
-def _move_into_place(staging: Path, target: Path, *, replace: bool, exist_ok: bool) -> None:
-    """Rename the finished staging dir onto `target` (atomic on one filesystem)."""
-    if target.exists():
-        if exist_ok and not replace:
-            return  # someone else finished the same import first; theirs is as good as ours
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        target.rename(old)
-        try:
-            staging.rename(target)
-        except OSError:
-            old.rename(target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    try:
-        staging.rename(target)
-    except OSError:
-        if exist_ok and target.exists():
-            return
-        raise
 
 
 # ----------------------------------------------------------------------------- loading

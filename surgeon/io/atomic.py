@@ -16,7 +16,8 @@ from pathlib import Path
 from ..errors import SurgeonError
 
 
-def check_destination(dest: Path, *, force: bool = False, sources: tuple[Path, ...] = ()) -> None:
+def check_destination(dest: Path, *, force: bool = False, sources: tuple[Path, ...] = (),
+                      exist_ok: bool = False) -> None:
     dest_r = dest.resolve()
     for src in sources:
         src_r = src.resolve()
@@ -24,18 +25,20 @@ def check_destination(dest: Path, *, force: bool = False, sources: tuple[Path, .
             raise SurgeonError(f"destination {dest} is inside the source {src}; choose a directory outside it")
         if dest_r in src_r.parents and force:
             raise SurgeonError(f"destination {dest} contains the source {src}; --force would delete it")
-    if dest.exists() and not force:
+    if dest.exists() and not (force or exist_ok):
         raise SurgeonError(f"destination {dest} already exists; remove it or pass --force to replace it")
     if dest.exists() and not dest.is_dir():
         raise SurgeonError(f"destination {dest} exists and is not a directory; remove it first")
 
 
 @contextmanager
-def staged_directory(dest: Path, *, force: bool = False, sources: tuple[Path, ...] = ()) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside `dest`; on success it becomes `dest` (replacing an existing one
-    only with `force`), on any exception it is deleted."""
+def staged_directory(dest: Path, *, force: bool = False, sources: tuple[Path, ...] = (),
+                     exist_ok: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside `dest`; on success it becomes `dest`, on any exception it is
+    deleted. An existing `dest` is replaced with `force`, kept with `exist_ok` (a cache entry that a concurrent
+    run of the same work finished first), and refused otherwise."""
     dest = Path(dest)
-    check_destination(dest, force=force, sources=sources)
+    check_destination(dest, force=force, sources=sources, exist_ok=exist_ok)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".surgeon-tmp", dir=dest.parent))
     umask = os.umask(0)
@@ -43,7 +46,11 @@ def staged_directory(dest: Path, *, force: bool = False, sources: tuple[Path, ..
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other directory
     try:
         yield tmp
-        if dest.exists():
+        if dest.exists() and not force:
+            if not exist_ok:
+                raise SurgeonError(f"destination {dest} appeared while it was being written; nothing was replaced")
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif dest.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".surgeon-old", dir=dest.parent))
             os.replace(dest, trash / "old")
             os.replace(tmp, dest)
