@@ -9,13 +9,15 @@ import sys
 
 from .errors import SurgeonError
 
-COMMANDS = ["convert", "inspect", "scan", "import_gguf", "eval", "pipeline"]
+COMMANDS = ["convert", "inspect", "scan", "import_gguf", "eval", "pipeline", "train"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="surgeon", description="Model surgery for Hugging Face causal LMs: scan outliers, insert GatedNorm / "
         "PreAffine with the same function, evaluate W4A4.")
+    # the `deepspeed` launcher passes --local_rank=N before the command; the process reads LOCAL_RANK instead
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"surgeon.commands.{name}").add_parser(sub)

@@ -24,3 +24,15 @@ def progress_bar(description: str, total: int, *, enabled: bool = True,
                   TimeRemainingColumn(), console=console, transient=False) as progress:
         task = progress.add_task(description, total=total)
         yield lambda n=1: progress.advance(task, n)
+
+
+@contextmanager
+def training_progress(total: int, start: int = 0, *, enabled: bool = True) -> Iterator[Callable[[int, str], None]]:
+    """Yield `show(step, text)`: a bar over the run's steps with a live status text (loss, residual peak)."""
+    if not enabled:
+        yield lambda step, text="": None
+        return
+    with Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as progress:
+        task = progress.add_task("training", total=total, completed=start, status="")
+        yield lambda step, text="": progress.update(task, completed=step, status=text)
