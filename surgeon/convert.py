@@ -12,9 +12,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from . import __version__
+from .dtypes import parse_dtype
 from .errors import SurgeonError
 from .io import Checkpoint, parse_size, staged_directory, write_sharded
 from .io.digest import SourceHasher
@@ -23,19 +23,8 @@ from .architectures import base_model_type
 from .plan import Plan
 from .progress import progress_bar
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
 DEFAULT_SHARD_SIZE = "5GB"
 MANIFEST = "surgeon_manifest.json"
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    try:
-        return DTYPES[name.lower()]
-    except KeyError:
-        raise SurgeonError(f"unknown dtype {name!r}; use one of fp32, bf16, fp16") from None
 
 
 @dataclass

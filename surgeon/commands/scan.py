@@ -45,7 +45,8 @@ def run(args) -> int:
 
     from .. import plots
     from ..scan import print_report, scan
-    from ..sources import DTYPES, iter_token_windows, load_model, resolve_model, resolve_text
+    from ..dtypes import DTYPES
+    from ..sources import iter_token_windows, load_model, resolve_model, resolve_text
 
     for name in ("tokens", "seq_len", "batch_size"):
         if getattr(args, name) < 1:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..errors import SurgeonError
+from ..errors import SurgeonError, one_line
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -125,7 +125,7 @@ class Checkpoint:
                 handle = None
             except Exception as err:  # safetensors raises its own error types for bad headers and sizes
                 raise SurgeonError(
-                    f"{file.name} is not a readable safetensors file ({_first_line(err)}); it is truncated or "
+                    f"{file.name} is not a readable safetensors file ({one_line(err)}); it is truncated or "
                     "corrupt: copy it again from the source"
                 ) from None
         else:
@@ -133,7 +133,7 @@ class Checkpoint:
                 handle = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             except Exception as err:
                 raise SurgeonError(
-                    f"{file.name} could not be loaded safely ({_first_line(err)}); only plain tensor state dicts "
+                    f"{file.name} could not be loaded safely ({one_line(err)}); only plain tensor state dicts "
                     "are read (weights_only=True): convert it to safetensors"
                 ) from None
             infos = [(n, t.dtype, tuple(t.shape), -1) for n, t in handle.items()]
@@ -215,8 +215,3 @@ def _safetensors_entries(file: Path) -> list[tuple[str, torch.dtype, tuple[int, 
     start = 8 + length
     return [(name, SAFE_DTYPES[e["dtype"]], tuple(e["shape"]), start + e["data_offsets"][0])
             for name, e in header.items() if name != "__metadata__"]
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
