@@ -67,7 +67,8 @@ def test_unknown_key_is_one_line_error():
 @pytest.mark.parametrize("settings", [
     {"lm": -1.0}, {"distill": float("nan")}, {"distill_temperature": 0.0}, {"pressure": "a lot"},
     {"qat": "int8"}, {"pressure_on": ("logits",)}, {"glu_alpha_steps": [10, 5]}, {"glu_alpha_steps": [1]},
-    {"lm": 0.0}, {"pressure": True},
+    {"lm": 0.0}, {"pressure": True}, {"qat": "int4", "qat_fraction": 0.0}, {"qat_fraction": 1.5},
+    {"qat_fraction": "half"},
 ])
 def test_bad_values_are_refused(settings):
     with pytest.raises(SurgeonError) as err:
@@ -217,6 +218,26 @@ def test_qat_forward_equals_fake_quantized_and_gradients_reach_fp_weights(paths,
     assert model.model.layers[0].input_layernorm.gate_up.weight.grad.abs().sum() > 0
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=batch).logits, fp, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fraction, grad_accum, expected", [
+    (1.0, 1, [True] * 4), (0.5, 2, [False, True] * 2), (0.25, 1, [False, False, False, True])])
+def test_qat_fraction_quantizes_that_share_of_micro_batches(paths, fraction, grad_accum, expected):
+    model = load(paths["gated"]).eval()
+    batch = ids()
+    with torch.no_grad():
+        fp = model(input_ids=batch).logits
+        with fake_quantized(model, "int4"):
+            quantized = model(input_ids=batch).logits
+    objectives = Objectives(ObjectiveConfig(qat="int4", qat_fraction=fraction), model)
+    seen = []
+    for step in range(len(expected) // grad_accum):
+        for micro in range(grad_accum):
+            with torch.no_grad(), objectives.step_context(step, 8, micro=micro, micro_per_step=grad_accum):
+                logits = model(input_ids=batch).logits
+            assert torch.equal(logits, quantized) or torch.equal(logits, fp)
+            seen.append(torch.equal(logits, quantized))
+    assert seen == expected
 
 
 def test_qat_gradient_is_straight_through():

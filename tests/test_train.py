@@ -90,6 +90,10 @@ def test_one_process_lowers_the_loss_and_logs_the_outliers(setup, uninterrupted)
         m = r["eval"]
         assert len(m["residual_max"]) == 3 and m["residual_peak"] == max(m["residual_max"])
         assert m["sink_abs"] and m["linear_input_max_rms"] > 0
+    # W4A4 perplexity before and after, not in between; not the unquantized model's
+    assert [sorted(r["eval"].get("quant_ppl", {})) for r in evals] == [["int4", "nvfp4"], [], ["int4", "nvfp4"]]
+    for r in (evals[0], evals[-1]):
+        assert all(math.isfinite(q) and q != r["eval"]["ppl"] for q in r["eval"]["quant_ppl"].values())
     # no absorbed sinks, no scan: the first measurement's top dims are watched from then on
     run = json.loads((uninterrupted / "run.json").read_text())
     assert run["sink_dims"] == evals[0]["eval"]["top_dims"]
@@ -126,9 +130,9 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(setup, monk
     from surgeon.train import loop
 
     class Poisoned(loop.Objectives):
-        def step_context(self, step, total_steps=None):
+        def step_context(self, step, total_steps=None, **micro):
             self._step = step
-            return super().step_context(step, total_steps)
+            return super().step_context(step, total_steps, **micro)
 
         def loss(self, batch, outputs):
             loss, terms = super().loss(batch, outputs)

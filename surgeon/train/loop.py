@@ -7,7 +7,7 @@ forward, `Objectives.loss`, a finiteness check agreed by every rank, backward, `
 applies the update, gradient clipping and the schedule at the accumulation boundary).
 
 Measurement (`surgeon.train.measure.measure`) on the held-out windows at step 0, every eval_every steps and at
-the end, with the sink dimensions of the model's `surgeon.absorb_sinks` block, else of `--scan scan.json`, else
+the end (with the recipe's quant_eval W4A4 perplexities at the first and the last), with the sink dimensions of the model's `surgeon.absorb_sinks` block, else of `--scan scan.json`, else
 the top dimensions of the first measurement (recorded in run.json and in every checkpoint, so a resumed run
 watches the same ones).
 
@@ -223,11 +223,21 @@ def train(model: str | os.PathLike, data: str | os.PathLike, run_dir: str | os.P
     records: list[dict] = []
     last_saved = start_step if resume else None
 
-    def evaluate(step):
+    def evaluate(step, quant=False):
         nonlocal sink_dims
         from .measure import measure
 
         metrics = measure(engine.module, heldout, sink_dims=sink_dims)
+        # the before/after W4A4 figures, first and last measurement only; ZeRO-3 holds each rank's shard of the
+        # weights, which fake quantization cannot rewrite in place: `surgeon eval` the export instead
+        if quant and recipe.quant_eval and engine.zero_optimization_stage() < 3:
+            from ..evaluate import evaluate_model
+
+            was_training = engine.module.training
+            engine.module.eval()
+            result = evaluate_model(engine.module, heldout, tuple(recipe.quant_eval))
+            engine.module.train(was_training)
+            metrics["quant_ppl"] = {f: p for f, p in result.perplexity.items() if f != "none"}
         if sink_dims is None:
             sink_dims = metrics["top_dims"]
             if lead:
@@ -259,7 +269,7 @@ def train(model: str | os.PathLike, data: str | os.PathLike, run_dir: str | os.P
     from ..progress import training_progress
 
     with training_progress(recipe.steps, start_step, enabled=show_progress and lead) as show:
-        metrics = evaluate(start_step) if start_step == 0 else None
+        metrics = evaluate(start_step, quant=True) if start_step == 0 else None
         if metrics is not None and lead:
             entry = {"step": 0, "tokens": 0, "eval": metrics}
             records.append(entry)
@@ -273,9 +283,10 @@ def train(model: str | os.PathLike, data: str | os.PathLike, run_dir: str | os.P
                 sums: dict[str, float] = {}
                 lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)} \
                     if hasattr(engine.optimizer, "param_groups") else {}
-                for _ in range(recipe.grad_accum):
+                for micro in range(recipe.grad_accum):
                     batch = next(batches)
-                    with objectives.step_context(step, recipe.steps):
+                    with objectives.step_context(step, recipe.steps, micro=micro,
+                                                 micro_per_step=recipe.grad_accum):
                         outputs = engine(input_ids=batch)
                         loss, terms = objectives.loss(batch, outputs)
                         if not _all_finite(loss.detach()):
@@ -299,7 +310,7 @@ def train(model: str | os.PathLike, data: str | os.PathLike, run_dir: str | os.P
                                            f"without saving it and {last_good()}")
                 metrics = None
                 if done % recipe.eval_every == 0 or done == recipe.steps:
-                    metrics = evaluate(done)
+                    metrics = evaluate(done, quant=done == recipe.steps)
                     entry["eval"] = metrics
                 if lead:
                     records.append(entry)

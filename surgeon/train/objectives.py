@@ -29,7 +29,10 @@ QAT       `qat` = "int4" | "nvfp4": while the step context is open, every quanti
           F.linear(q_a(x), q_w(W), b) with the formats of surgeon.quant (exactly the values `fake_quantized`
           gives) through a straight-through estimator — forward q(v), backward identity, i.e.
           v + (q(v) − v).detach() but bit-exact — so the fp weights get the gradients. The pressure hooks see the
-          unquantized inputs.
+          unquantized inputs. `qat_fraction` f < 1 runs only that share of the micro-batches through the
+          quantizer (micro-batch g, counted over the run, when ⌊(g+1)·f⌋ > ⌊g·f⌋; f = ½ with grad_accum 2 is one
+          quantized and one full-precision micro-batch per step): training through the quantizer alone drifts the
+          full-precision model (EXPERIMENTS.md), the mix keeps both forwards good at the cost of neither.
 GLU α     `glu_alpha_steps` = [start, end]: α = clamp((step − start) / (end − start), 0, 1), set by set_glu_alpha
           (buffers and config) on entering the step context.
 
@@ -76,6 +79,7 @@ class ObjectiveConfig:
     pressure_on: tuple[str, ...] = ("linear_inputs",)
     pressure_temperature: float = 1.0
     qat: str | None = None
+    qat_fraction: float = 1.0
     glu_alpha_steps: tuple[int, int] | None = None
 
     def __init__(self, **settings):
@@ -100,6 +104,10 @@ class ObjectiveConfig:
             if not math.isfinite(value) or value < 0:
                 raise SurgeonError(f"objective setting {key} must be a finite number ≥ 0, got {value!r}")
             setattr(self, key, value)
+        if isinstance(self.qat_fraction, bool) or not isinstance(self.qat_fraction, (int, float)) \
+                or not 0 < self.qat_fraction <= 1:
+            raise SurgeonError(f"objective setting qat_fraction must be in (0, 1], got {self.qat_fraction!r}")
+        self.qat_fraction = float(self.qat_fraction)
         if self.distill_temperature <= 0:
             raise SurgeonError(f"objective setting distill_temperature must be > 0, got {self.distill_temperature}")
         if self.lm + self.distill + self.pressure == 0:
@@ -337,8 +345,9 @@ class Objectives:
         return None
 
     @contextmanager
-    def step_context(self, step: int, total_steps: int | None = None) -> Iterator[Objectives]:
-        """Set α for `step`, install this step's hooks (pressure statistics, QAT), remove them on exit."""
+    def step_context(self, step: int, total_steps: int | None = None, *, micro: int = 0,
+                     micro_per_step: int = 1) -> Iterator[Objectives]:
+        """Set α for `step`, install this micro-batch's hooks (pressure statistics, QAT), remove them on exit."""
         if self._active:
             raise SurgeonError("step_context is already open; close it before the next step")
         if self.cfg.glu_alpha_steps is not None:
@@ -355,7 +364,7 @@ class Objectives:
                 from surgeon.scan import decoder_layers
 
                 handles += [layer.register_forward_hook(self._residual_hook) for layer in decoder_layers(self.model)]
-            if self.cfg.qat:
+            if self.quantizes(step * micro_per_step + micro):
                 for _, layer in self.linears:
                     if "forward" in layer.__dict__:
                         raise SurgeonError(f"{type(layer).__name__} already has its forward replaced; "
@@ -375,6 +384,11 @@ class Objectives:
                     del layer.forward
             self._reset_step()
             self._active = False
+
+    def quantizes(self, micro_batch: int) -> bool:
+        """Whether micro-batch `micro_batch` (counted over the run) runs through the QAT quantizer."""
+        f = self.cfg.qat_fraction
+        return bool(self.cfg.qat) and math.floor((micro_batch + 1) * f) > math.floor(micro_batch * f)
 
     # -- the loss
 

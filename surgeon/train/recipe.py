@@ -13,6 +13,8 @@
     heldout_every, eval_windows           window i of the token stream is held out when i % heldout_every ==
                                           heldout_every − 1; the first eval_windows of those are the eval set
     eval_every, save_every, keep_checkpoints, seed, shuffle_windows
+    quant_eval                            W4A4 formats (surgeon.quant: nvfp4, int4) whose held-out perplexity is
+                                          measured at the first and the last measurement (the before/after figures)
     objectives                            handed to surgeon.train.objectives.ObjectiveConfig as is
 
 Unknown keys, wrong types and impossible values are one-line SurgeonErrors, raised before anything is written.
@@ -52,11 +54,13 @@ class Recipe:
     keep_checkpoints: int = 2
     seed: int = 0
     shuffle_windows: int = 1024
+    quant_eval: tuple[str, ...] = ("nvfp4", "int4")
     objectives: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out["betas"] = list(self.betas)
+        out["quant_eval"] = list(self.quant_eval)
         return out
 
 
@@ -96,6 +100,15 @@ def make_recipe(settings: dict | None = None, *, source: str = "recipe", **overr
                 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
             raise SurgeonError(f"{source}: betas must be two numbers in [0, 1), got {betas!r}")
         settings["betas"] = (float(betas[0]), float(betas[1]))
+    if "quant_eval" in settings:
+        from ..quant import FORMATS
+
+        formats = settings["quant_eval"] or []
+        formats = [formats] if isinstance(formats, str) else formats
+        if not isinstance(formats, (list, tuple)) or any(f not in FORMATS for f in formats):
+            raise SurgeonError(f"{source}: quant_eval must be a list of {', '.join(FORMATS)}, got "
+                               f"{settings['quant_eval']!r}")
+        settings["quant_eval"] = tuple(dict.fromkeys(formats))
     if "min_lr_ratio" in settings and settings["min_lr_ratio"] > 1:
         raise SurgeonError(f"{source}: min_lr_ratio must be in [0, 1], got {settings['min_lr_ratio']}")
     objectives = settings.get("objectives") or {}
