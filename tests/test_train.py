@@ -260,6 +260,8 @@ def test_the_shipped_recipes_and_deepspeed_configs_load():
     for stage in range(4):
         config = finish_ds_config(load_ds_config(root / f"zero{stage}.json"), recipes["plain"], world=2)
         assert config["zero_optimization"]["stage"] == stage and config["train_batch_size"] == 8
+        assert load_ds_config(f"zero{stage}") == load_ds_config(root / f"zero{stage}.json")  # by name, installed
+    assert all(load_recipe(name) == recipe for name, recipe in recipes.items())
 
 
 def test_the_schedule_warms_up_decays_and_freezes():

@@ -14,10 +14,10 @@ def add_parser(sub):
     p.add_argument("model", help="model directory (a converted one), .gguf file, hub id, or 'default'")
     p.add_argument("--data", default="default", help="text file, folder, JSONL, or 'default' (Shakespeare)")
     p.add_argument("--out", type=Path, required=True, help="run directory (metrics, checkpoints, curves)")
-    p.add_argument("--recipe", type=Path, help="recipe YAML (configs/recipes/*.yaml); on --resume the run's own "
-                   "recipe unless given")
-    p.add_argument("--deepspeed", type=Path, help="DeepSpeed config JSON (configs/zero{0,1,2,3}.json); stage 0 "
-                   "if omitted")
+    p.add_argument("--recipe", type=Path, help="recipe YAML, or a shipped one by name (smollm2-cpu, plain); on "
+                   "--resume the run's own recipe unless given")
+    p.add_argument("--deepspeed", type=Path, help="DeepSpeed config JSON, or a shipped one by name (zero0 … zero3); "
+                   "stage 0 if omitted")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR from its latest checkpoint")
     p.add_argument("--steps", type=int, help="override the recipe's number of optimizer steps")
     p.add_argument("--stop-after", type=int, help="end this session after N steps (checkpointed); continue later "

@@ -40,9 +40,14 @@ def is_new_parameter(name: str) -> bool:
 def load_ds_config(path: str | os.PathLike | None) -> dict:
     if path is None:
         return json.loads(json.dumps(DEFAULT_CONFIG))
+    from surgeon.configs import names, shipped
+
     path = Path(path)
     if not path.is_file():
-        raise SurgeonError(f"DeepSpeed config {path} not found: pass one of configs/zero0.json … zero3.json")
+        path = shipped("deepspeed", str(path)) or path
+    if not path.is_file():
+        raise SurgeonError(f"DeepSpeed config {path} not found: pass a JSON file or a shipped config "
+                           f"({', '.join(names('deepspeed'))})")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

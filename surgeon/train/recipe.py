@@ -132,9 +132,14 @@ def load_recipe(path: str | os.PathLike | None, **overrides) -> Recipe:
         return make_recipe(None, source="recipe", **overrides)
     import yaml
 
+    from surgeon.configs import names, shipped
+
     path = Path(path)
     if not path.is_file():
-        raise SurgeonError(f"recipe {path} not found: pass a YAML file such as configs/recipes/plain.yaml")
+        path = shipped("recipe", str(path)) or path
+    if not path.is_file():
+        raise SurgeonError(f"recipe {path} not found: pass a YAML file or a shipped recipe "
+                           f"({', '.join(names('recipe'))})")
     try:
         settings = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
