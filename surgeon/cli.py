@@ -9,7 +9,7 @@ import sys
 
 from .errors import SurgeonError
 
-COMMANDS = ["convert", "inspect", "scan", "import_gguf", "eval", "pipeline", "train"]
+COMMANDS = ["convert", "inspect", "scan", "import_gguf", "eval", "pipeline", "train", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,7 +53,6 @@ def surgeon_config(plan: Plan, source: Checkpoint, sha256: str) -> dict:
     base = base_model_type(source.config)
     if base not in BASE_MODEL_TYPES:
         raise SurgeonError(f"no surgeon model class for family {base!r}; supported: {', '.join(BASE_MODEL_TYPES)}")
-    config_cls, model_cls = CLASSES[base]
     block = plan.surgeon
     block.setdefault("base_model_type", base)
     block.setdefault("base_architectures", source.config.get("architectures"))
@@ -62,6 +61,16 @@ def surgeon_config(plan: Plan, source: Checkpoint, sha256: str) -> dict:
         {"transforms": list(plan.applied), "source": str(source.path), "source_sha256": sha256}
     )
     block["source_sha256"] = block["history"][0]["source_sha256"]
+    return set_model_type(config, base)
+
+
+def set_model_type(config: dict, base: str) -> dict:
+    """Our model_type, architectures and auto_map when the config needs surgeon's modules; else the stock family's
+    (no auto_map). Shared by convert and export (a GLU model trained to α = 1 is exported stock)."""
+    if base not in BASE_MODEL_TYPES:
+        raise SurgeonError(f"no surgeon model class for family {base!r}; supported: {', '.join(BASE_MODEL_TYPES)}")
+    config_cls, model_cls = CLASSES[base]
+    block = config.get("surgeon") or {}
     if not needs_surgeon_modules(config):
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -118,8 +127,7 @@ def convert(
             raise SurgeonError(f"reading the source for its sha256 failed: {err}") from None
         config = surgeon_config(plan, ckpt, digest)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for side in ckpt.side_files():
-            shutil.copy2(side, tmp / side.name)
+        copy_side_files(ckpt, tmp)
         if "auto_map" in config:
             shutil.copy2(MODELING_FILE, tmp / MODELING_FILE.name)
         report = ConvertReport(
@@ -146,6 +154,17 @@ def convert(
                 )
         write_manifest(tmp, report, config)
     return report
+
+
+def copy_side_files(ckpt: Checkpoint, dest: Path, *, skip: tuple[str, ...] = ()) -> list[str]:
+    """Copy the checkpoint's side files (tokenizer, generation config, templates: Checkpoint.side_files) into
+    `dest`, except the names in `skip`; returns the names copied."""
+    copied = []
+    for side in ckpt.side_files():
+        if side.name not in skip:
+            shutil.copy2(side, dest / side.name)
+            copied.append(side.name)
+    return copied
 
 
 def write_manifest(out: Path, report: ConvertReport, config: dict) -> None:
