@@ -1,17 +1,23 @@
 """The main job, stage by stage: scan the source → convert (GatedNorm, PreAffine, and the scanned residual
-sinks absorbed into PreAffine; verified) → scan the result → evaluate both
-(perplexity, NVFP4 and INT4 W4A4) → a markdown report with the tables and plots.
+sinks absorbed into PreAffine; verified) → scan the result → continued pretraining with the tuned recipe →
+export → scan and evaluate the export → a markdown report with the tables and plots, source, converted and
+trained side by side (perplexity, NVFP4 and INT4 W4A4).
 
-Every stage is a library call that also runs alone from the CLI (scan, convert, eval); this module only
-sequences them and writes the report. The run directory is staged and renamed into place at the end, like
-every output of surgeon. Training and export join the flow as they land (issues 6 and 7).
+Every stage is a library call that also runs alone from the CLI (scan, convert, train, export, eval); this
+module only sequences them and writes the report. The run directory is staged and renamed into place at the end,
+like every output of surgeon.
+
+Text: the first `eval_files` files (sorted) are evaluation text only, training reads the rest, so the reported
+perplexities are on text the training never saw. With too few files to split, training and evaluation share the
+text and the report says so.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +31,8 @@ from .sources import iter_token_windows, load_model, resolve_model, resolve_text
 from .transforms import AbsorbSinks, GatedNorm, PreAffine
 
 EVAL_FORMATS = ("nvfp4", "int4")
+LABELS = ("source", "converted", "trained")
+DIRS = {"converted": "model-converted", "trained": "model-trained"}
 
 
 @dataclass
@@ -37,6 +45,10 @@ class PipelineConfig:
     eval_windows: int = 8
     eval_skip_tokens: int = 1000
     batch_size: int = 4
+    eval_files: int = 2  # the first N text files are evaluation text only
+    recipe: str = "smollm2-cpu"  # a recipe YAML or a shipped recipe's name
+    train_steps: int | None = None  # None: the recipe's
+    train: bool = True  # False: stop after the training-free conversion
 
 
 @dataclass
@@ -46,6 +58,15 @@ class PipelineResult:
     scans: dict[str, ScanReport] = field(default_factory=dict)
     evals: dict[str, ModelEval] = field(default_factory=dict)
     verify: dict | None = None
+    text: dict = field(default_factory=dict)  # eval / train files, overlap
+    training: dict | None = None  # steps, tokens, tokens/s, recipe
+
+
+def split_text(paths: list[Path], eval_files: int) -> tuple[list[Path], list[Path], bool]:
+    """(evaluation files, training files, whether they overlap)."""
+    if 0 < eval_files < len(paths):
+        return paths[:eval_files], paths[eval_files:], False
+    return paths, paths, True
 
 
 def _scan_and_eval(label: str, model_dir: Path, paths: list[Path], cfg: PipelineConfig, out: Path,
@@ -74,29 +95,66 @@ def _scan_and_eval(label: str, model_dir: Path, paths: list[Path], cfg: Pipeline
 
 
 def run(cfg: PipelineConfig, out: str | Path, *, force: bool = False) -> PipelineResult:
+    from .train.recipe import load_recipe
+
     out = Path(out)
     torch.manual_seed(0)
     paths = resolve_text(cfg.data)
+    eval_paths, train_paths, overlap = split_text(paths, cfg.eval_files)
     source = resolve_model(cfg.model)
+    recipe = load_recipe(cfg.recipe, steps=cfg.train_steps) if cfg.train else None  # bad recipe: before any work
+    stages = 5 if cfg.train else 3
     with staged_directory(out, force=force, sources=(source,)) as tmp:
-        result = PipelineResult(out=out)
-        console.rule(f"[bold]1/3 source[/] {cfg.model}")
-        _scan_and_eval("source", source, paths, cfg, tmp, result)
+        result = PipelineResult(out=out, text={"eval": [p.name for p in eval_paths],
+                                               "train": [p.name for p in train_paths], "overlap": overlap})
+        console.rule(f"[bold]1/{stages} source[/] {cfg.model}")
+        _scan_and_eval("source", source, eval_paths, cfg, tmp, result)
 
-        console.rule("[bold]2/3 convert[/] gated-norm + pre-affine + absorb-sinks, verified")
+        console.rule(f"[bold]2/{stages} convert[/] gated-norm + pre-affine + absorb-sinks, verified")
         t = time.perf_counter()
         passes = [GatedNorm(rank=cfg.rank), PreAffine()]
         if result.scans["source"].sinks:
             passes.append(AbsorbSinks(scan=tmp / "scan-source" / "scan.json"))
-        report = convert(source, tmp / "model", passes, verify=True)
+        converted = tmp / DIRS["converted"]
+        report = convert(source, converted, passes, verify=True)
         result.verify = report.verify
         result.stages["convert + verify"] = time.perf_counter() - t
 
-        console.rule("[bold]3/3 converted[/]")
-        _scan_and_eval("converted", tmp / "model", paths, cfg, tmp, result)
+        console.rule(f"[bold]3/{stages} converted[/]")
+        _scan_and_eval("converted", converted, eval_paths, cfg, tmp, result)
+
+        if cfg.train:
+            from .export import export
+            from .train.loop import train
+
+            console.rule(f"[bold]4/{stages} train[/] {cfg.recipe}, {recipe.steps} steps on {len(train_paths)} "
+                         f"file{'s' * (len(train_paths) != 1)}")
+            t = time.perf_counter()
+            run_dir = tmp / "train"
+            trained = train(converted, train_paths, run_dir, recipe=recipe)
+            result.stages["train"] = time.perf_counter() - t
+            result.training = _training_summary(run_dir, trained.step, result.stages["train"])
+
+            console.rule(f"[bold]5/{stages} export[/] and the trained model")
+            t = time.perf_counter()
+            export(run_dir, tmp / DIRS["trained"])
+            shutil.rmtree(run_dir / "checkpoints")  # exported; the optimizer states are 3× the model
+            result.stages["export"] = time.perf_counter() - t
+            _scan_and_eval("trained", tmp / DIRS["trained"], eval_paths, cfg, tmp, result)
         write_report(tmp, cfg, result, report)
     console.print(f"[green]report:[/] {out / 'report.md'}")
     return result
+
+
+def _training_summary(run_dir: Path, steps: int, seconds: float) -> dict:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    speeds = sorted(r["tokens_per_s"] for r in records if "tokens_per_s" in r)
+    evals = [r for r in records if "eval" in r]
+    run = json.loads((run_dir / "run.json").read_text())
+    return {"steps": steps, "tokens": max((r.get("tokens", 0) for r in records), default=0),
+            "tokens_per_s_median": speeds[len(speeds) // 2] if speeds else None, "seconds": seconds,
+            "recipe": run["recipe"], "objectives": run["objectives"],
+            "heldout_first": evals[0]["eval"] if evals else None, "heldout_last": evals[-1]["eval"] if evals else None}
 
 
 def _absorbed(conversion) -> str:
@@ -112,18 +170,47 @@ def _fmt(x: float) -> str:
     return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.2f}"
 
 
+def _objectives_text(objectives: dict) -> str:
+    parts = [f"LM ×{objectives['lm']:g}"] if objectives.get("lm") else []
+    if objectives.get("distill"):
+        parts.append(f"self-distillation ×{objectives['distill']:g}")
+    if objectives.get("pressure"):
+        parts.append(f"outlier pressure ×{objectives['pressure']:g} on {', '.join(objectives['pressure_on'])} "
+                     f"(max/RMS above {objectives['pressure_threshold']:g})")
+    if objectives.get("qat"):
+        share = objectives.get("qat_fraction", 1.0)
+        parts.append(f"{objectives['qat'].upper()} W4A4 in the forward (straight-through)"
+                     + (f" on {share:.0%} of the micro-batches" if share < 1 else ""))
+    return ", ".join(parts)
+
+
 def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, conversion) -> None:
-    src, conv = result.scans["source"], result.scans["converted"]
+    labels = [label for label in LABELS if label in result.scans]
+    scans = [result.scans[label] for label in labels]
+    text = result.text
     lines = [
         f"# surgeon main job: {cfg.model}", "",
         f"Model `{cfg.model}` ({conversion.family}, {conversion.params_before:,} parameters), text `{cfg.data}`. "
         f"Converted with {', '.join(conversion.transforms)} (rank {cfg.rank}{_absorbed(conversion)}): "
         f"+{conversion.params_after - conversion.params_before:,} parameters; verified max |Δlogit| "
         f"{result.verify['max_abs_diff']:.3g} over {result.verify['tokens']} tokens.", "",
-        "## Outliers", "",
-        f"Scan: {src.tokens:,} tokens in windows of {cfg.seq_len} (+BOS).", "",
-        "| | source | converted |", "|---|---:|---:|",
     ]
+    if result.training:
+        tr = result.training
+        lines += [f"Trained {tr['steps']} steps ({tr['tokens']:,} tokens, median {tr['tokens_per_s_median']:.0f} "
+                  f"tokens/s, {tr['seconds'] / 60:.1f} min) with recipe `{cfg.recipe}`: "
+                  f"{_objectives_text(tr['objectives'])}; lr {tr['recipe']['lr']:g} (pretrained), "
+                  f"{tr['recipe']['lr_new']:g} (gates, PreAffine). Exported to `{DIRS['trained']}/`.", ""]
+    if text.get("overlap"):
+        lines += ["**Note:** the text has too few files to hold some out, so evaluation windows come from the "
+                  "training text.", ""]
+    elif text:
+        lines += [f"Evaluation text: {', '.join(text['eval'])} (never trained on); training text: the other "
+                  f"{len(text['train'])} files.", ""]
+    head = "| | " + " | ".join(labels) + " |"
+    rule = "|---|" + "---:|" * len(labels)
+    lines += ["## Outliers", "", f"Scan: {scans[0].tokens:,} tokens in windows of {cfg.seq_len} (+BOS).", "",
+              head, rule]
     rows = [
         ("residual peak max \\|h\\|", lambda r: _fmt(r.peak["value"])),
         ("peak dimension / position", lambda r: f"{r.peak['dim']} / {r.peak['position']}"),
@@ -132,33 +219,47 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
         ("attention on first token (mean over layers)", lambda r: f"{_attention(r):.2f}"),
     ]
     for label, get in rows:
-        lines.append(f"| {label} | {get(src)} | {get(conv)} |")
+        lines.append(f"| {label} | " + " | ".join(get(r) for r in scans) + " |")
+    if result.training and result.training.get("heldout_last"):
+        first, last = result.training["heldout_first"], result.training["heldout_last"]
+        lines.append(f"| linear-input max/RMS, mean (worst) — training's held-out | "
+                     f"{first['linear_input_max_rms']:.1f} ({first['linear_input_max_rms_worst']:.1f}) | "
+                     f"{first['linear_input_max_rms']:.1f} ({first['linear_input_max_rms_worst']:.1f}) | "
+                     f"{last['linear_input_max_rms']:.1f} ({last['linear_input_max_rms_worst']:.1f}) |")
     lines += ["", "## Perplexity and W4A4", "",
               f"{cfg.eval_windows} windows × {cfg.seq_len} tokens from token {cfg.eval_skip_tokens}; every linear "
-              "layer's weights and inputs fake-quantized (LM head and gate projections excluded).", "",
+              "layer's weights and inputs fake-quantized (LM head and gate projections excluded); in brackets the "
+              "ratio to the model's own fp32 perplexity.", "",
               "| model | fp32 | " + " | ".join(f"{f.upper()} W4A4" for f in EVAL_FORMATS) + " |",
               "|---|---:|" + "---:|" * len(EVAL_FORMATS)]
     for label, ev in result.evals.items():
         lines.append(f"| {label} | {ev.perplexity['none']:.2f} | "
                      + " | ".join(f"{ev.perplexity[f]:,.1f} (×{ev.ratio(f):.2f})" for f in EVAL_FORMATS) + " |")
+    if "trained" in result.evals:
+        src, out_ev = result.evals["source"].perplexity, result.evals["trained"].perplexity
+        lines += ["", "Trained ÷ source perplexity: " + ", ".join(
+            f"{'fp32' if f == 'none' else f.upper() + ' W4A4'} {out_ev[f] / src[f]:.2f}×" for f in ("none",
+                                                                                              *EVAL_FORMATS)) + "."]
     lines += ["", "The converted model computes the same function as the source: the gates are identity-initialized, "
               "and each sink dimension is divided by a power of two in every residual writer (embedding, o_proj and "
               "down_proj rows) and multiplied back in every reading norm's PreAffine. The residual stream shrinks "
               "while every norm output, and so every linear layer's input, stays bit-identical: activation "
-              "quantization sees the same values. INT4's per-group weight scales shrink with the rescaled rows, so "
-              "INT4 is unchanged too; NVFP4's FP8 block scales are relative to one scale per tensor, so the "
-              "shrunken rows lose a little precision. The outliers in the linear inputs, which W4A4 suffers from, "
-              "are what continued pretraining (issue 6) has to train away.", "", "## Plots", ""]
-    for label in ("source", "converted"):
+              "quantization sees the same values (NVFP4's FP8 block scales are relative to one scale per tensor, so "
+              "the shrunken rows lose a little precision). The outliers in the linear inputs, which W4A4 suffers "
+              "from, are what the continued pretraining has to train away.", "", "## Plots", ""]
+    for label in labels:
         for png in sorted((out / f"scan-{label}").glob("*.png")):
             lines.append(f"![{label} {png.stem}](scan-{label}/{png.name})")
+    if result.training:
+        for png in sorted((out / "train").glob("*.png")):
+            lines.append(f"![training {png.stem}](train/{png.name})")
     lines += ["", "## Stages", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in result.stages.items()]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps({
-        "config": cfg.__dict__, "verify": result.verify, "stages": result.stages,
+        "config": asdict(cfg), "verify": result.verify, "stages": result.stages, "text": result.text,
         "perplexity": {k: v.perplexity for k, v in result.evals.items()},
-        "peak": {k: v.peak for k, v in result.scans.items()},
+        "peak": {k: v.peak for k, v in result.scans.items()}, "training": result.training,
     }, indent=2) + "\n")
 
 

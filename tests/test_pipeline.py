@@ -9,8 +9,21 @@ from tiny import make_tiny
 
 from surgeon.cli import main
 from surgeon.commands.inspect import describe
-from surgeon.pipeline import PipelineConfig, run
+from surgeon.pipeline import PipelineConfig, run, split_text
 
+RECIPE = """
+seq_len: 32
+batch_size: 2
+steps: 3
+lr: 1.0e-3
+lr_new: 1.0e-2
+warmup_steps: 1
+heldout_every: 4
+eval_windows: 2
+eval_every: 3
+save_every: 3
+objectives: {lm: 1.0, qat: int4, qat_fraction: 0.5}
+"""
 TEXT = ("Now is the winter of our discontent made glorious summer by this sun of York; and all the clouds that "
         "lour'd upon our house in the deep bosom of the ocean buried. ") * 40
 
@@ -24,28 +37,56 @@ def test_pipeline_runs_end_to_end(tmp_path):
     save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
     (tmp_path / "text.txt").write_text(TEXT)
 
+    (tmp_path / "recipe.yaml").write_text(RECIPE)
     cfg = PipelineConfig(model=str(src), data=str(tmp_path / "text.txt"), rank=4, scan_tokens=256, seq_len=32,
-                         eval_windows=2, eval_skip_tokens=0, batch_size=2)
+                         eval_windows=2, eval_skip_tokens=0, batch_size=2, recipe=str(tmp_path / "recipe.yaml"))
     result = run(cfg, tmp_path / "run")
     out = tmp_path / "run"
-    assert (out / "report.md").is_file() and (out / "model" / "config.json").is_file()
+    converted, trained = out / "model-converted", out / "model-trained"
+    assert (out / "report.md").is_file() and (converted / "config.json").is_file()
     assert result.scans["source"].sink_dims == [7]
     assert result.scans["converted"].peak["value"] < result.scans["source"].peak["value"] / 8
     assert result.verify["ok"] and result.verify["max_abs_diff"] == 0.0
     assert result.evals["converted"].perplexity["none"] == result.evals["source"].perplexity["none"]
-    block = json.loads((out / "model" / "config.json").read_text())["surgeon"]
+    block = json.loads((converted / "config.json").read_text())["surgeon"]
     assert block["transforms"] == ["gated-norm", "pre-affine", "absorb-sinks"]
     assert [s["dim"] for s in block["absorb_sinks"]["sinks"]] == [7]
-    info = describe(out / "model")
+    info = describe(converted)
     assert [e["dim"] for e in info["absorbed_sinks"]] == [7] and info["gate_rank"] == 4
     assert not info["tied_embeddings"] and info["has_lm_head"]  # absorb-sinks untied the LM head
+
+    # trained with the recipe, exported, evaluated: a different function from the converted one
+    assert result.training["steps"] == 3 and result.training["tokens"] == 3 * 2 * 33
+    assert json.loads((trained / "config.json").read_text())["surgeon"]["training"]["steps"] == 3
+    assert result.evals["trained"].perplexity["none"] != result.evals["converted"].perplexity["none"]
+    assert (out / "train" / "metrics.jsonl").is_file() and not (out / "train" / "checkpoints").exists()
+    assert result.text["overlap"]  # one file: nothing to hold out, and the report says so
+
     report = (out / "report.md").read_text()
+    assert "| | source | converted | trained |" in report and "evaluation windows come from the training" in report
     assert "| residual peak max" in report and "INT4 W4A4" in report and "dim 7 ÷" in report
-    for label in ("source", "converted"):
+    assert "Trained ÷ source perplexity" in report and "![training loss](train/loss.png)" in report
+    for label in ("source", "converted", "trained"):
         assert (out / f"scan-{label}" / "scan.json").is_file()
         assert (out / f"scan-{label}" / "residual_heatmap.png").stat().st_size > 1000
-    assert json.loads((out / "results.json").read_text())["perplexity"]["source"]["int4"] > 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "src", "text.txt"]  # no staging left
+    results = json.loads((out / "results.json").read_text())
+    assert results["perplexity"]["source"]["int4"] > 0 and results["training"]["steps"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml", "run", "src", "text.txt"]  # no staging
 
     # the CLI refuses to overwrite the run, in one line
     assert main(["pipeline", "--model", str(src), "--data", str(tmp_path / "text.txt"), "--out", str(out)]) == 2
+
+
+def test_text_split_holds_the_first_files_out(tmp_path):
+    paths = [tmp_path / f"{i}.txt" for i in range(4)]
+    assert split_text(paths, 2) == (paths[:2], paths[2:], False)
+    assert split_text(paths[:2], 2) == (paths[:2], paths[:2], True)  # too few to split
+    assert split_text(paths, 0) == (paths, paths, True)
+
+
+def test_a_bad_recipe_fails_before_any_work(tmp_path):
+    src = make_tiny(tmp_path / "src", "llama")
+    (tmp_path / "text.txt").write_text(TEXT)
+    assert main(["pipeline", "--model", str(src), "--data", str(tmp_path / "text.txt"), "--out",
+                 str(tmp_path / "run"), "--recipe", "no-such-recipe"]) == 2
+    assert not (tmp_path / "run").exists()

@@ -1,5 +1,6 @@
 """surgeon pipeline [--model default] [--data default] --out DIR: the main job — scan the source, convert it
-(GatedNorm + PreAffine, verified), scan the result, evaluate both (fp32, NVFP4 and INT4 W4A4), write report.md."""
+(GatedNorm + PreAffine + absorb-sinks, verified), scan the result, train it with the tuned recipe, export it,
+evaluate source, converted and trained side by side (fp32, NVFP4 and INT4 W4A4), write report.md."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ def add_parser(sub):
     from ..pipeline import PipelineConfig
 
     d = PipelineConfig()
-    p = sub.add_parser("pipeline", help="the main job: scan → convert → verify → scan → eval → report",
+    p = sub.add_parser("pipeline", help="the main job: scan → convert → verify → train → export → eval → report",
                        description=__doc__)
     p.add_argument("--model", default=d.model, help="model directory, .gguf, hub id, or 'default' (SmolLM2-135M)")
     p.add_argument("--data", default=d.data, help="text file, folder, JSONL, or 'default' (Shakespeare)")
@@ -19,6 +20,11 @@ def add_parser(sub):
     p.add_argument("--scan-tokens", type=int, default=d.scan_tokens, help="calibration tokens (%(default)s)")
     p.add_argument("--eval-windows", type=int, default=d.eval_windows, help="evaluation windows (%(default)s)")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per window (%(default)s)")
+    p.add_argument("--eval-files", type=int, default=d.eval_files,
+                   help="the first N text files are evaluation text only; training reads the rest (%(default)s)")
+    p.add_argument("--recipe", default=d.recipe, help="training recipe: a YAML file or a shipped name (%(default)s)")
+    p.add_argument("--train-steps", type=int, help="override the recipe's number of steps")
+    p.add_argument("--no-train", action="store_true", help="stop after the training-free conversion")
     p.add_argument("--force", action="store_true", help="replace an existing run directory")
     p.set_defaults(func=run)
 
@@ -28,6 +34,7 @@ def run(args) -> int:
     from ..pipeline import run as run_pipeline
 
     cfg = PipelineConfig(model=args.model, data=args.data, rank=args.rank, scan_tokens=args.scan_tokens,
-                         eval_windows=args.eval_windows, seq_len=args.seq_len)
+                         eval_windows=args.eval_windows, seq_len=args.seq_len, eval_files=args.eval_files,
+                         recipe=args.recipe, train_steps=args.train_steps, train=not args.no_train)
     run_pipeline(cfg, args.out, force=args.force)
     return 0

@@ -139,12 +139,13 @@ def _summary(terms: dict, metrics: dict | None) -> str:
     return text
 
 
-def train(model: str | os.PathLike, data: str | os.PathLike, run_dir: str | os.PathLike, *,
+def train(model: str | os.PathLike, data: str | os.PathLike | list, run_dir: str | os.PathLike, *,
           recipe: Recipe | str | os.PathLike | None = None, deepspeed_config: str | os.PathLike | None = None,
           resume: bool = False, steps: int | None = None, stop_after: int | None = None,
           scan: str | os.PathLike | None = None, show_progress: bool = True,
           trust_remote_code: bool = False) -> Run:
-    """Continue pretraining `model` on `data`, writing RUN_DIR (see the module docstring).
+    """Continue pretraining `model` on `data` (a text spec as `surgeon.sources.resolve_text` takes, or a list of
+    them), writing RUN_DIR (see the module docstring).
 
     `steps` overrides the recipe's run length; `stop_after` ends this call after that many steps (checkpointed),
     as an interruption would — continue with `resume=True`. Everything the user passes is checked before anything
@@ -166,7 +167,7 @@ def train(model: str | os.PathLike, data: str | os.PathLike, run_dir: str | os.P
     if stop_after is not None and stop_after < 1:
         raise SurgeonError(f"stop_after must be at least 1, got {stop_after}")
     ds_config = ds.load_ds_config(deepspeed_config)
-    paths = resolve_text(data)
+    paths = [p for spec in (data if isinstance(data, (list, tuple)) else [data]) for p in resolve_text(spec)]
     model_dir = resolve_model(model, trust_remote_code=trust_remote_code)
     sink_dims = _sink_dims_of(model_dir, scan)
     _check_run_dir(run_dir, resume)
