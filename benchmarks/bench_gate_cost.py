@@ -18,7 +18,6 @@ backend="auto" (the torch reference on a CPU) unless --backend says otherwise. T
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import statistics
 import sys
@@ -32,6 +31,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from surgeon import kernels
 from surgeon.modeling import CLASSES
+
+from results_csv import append_rows  # benchmarks/, the script's own folder
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gate_cost.csv"
 GATED_TARGETS = ["model.layers.*.input_layernorm", "model.layers.*.post_attention_layernorm", "model.norm"]
@@ -129,20 +130,16 @@ def main(argv=None):
                   f"{100 * (med['converted']['step'] / med['source']['step'] - 1):+.1f} % per step")
 
     if not args.no_csv:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        new = not RESULTS.exists()
-        with RESULTS.open("a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(["timestamp", "layers", "batch", "seq", "rank", "threads", "backend", "steps", "phase",
-                                 "source_s", "converted_s", "ratio", "source_min_s", "converted_min_s", "ratio_min"])
-            stamp = datetime.datetime.now().isoformat(timespec="seconds")
-            for phase in PHASES:
-                s, c = med["source"][phase], med["converted"][phase]
-                bs, bc = best["source"][phase], best["converted"][phase]
-                writer.writerow([stamp, args.layers, args.batch, args.seq, args.rank, args.threads, args.backend,
-                                 args.steps, phase, round(s, 4), round(c, 4), round(c / s, 4), round(bs, 4),
-                                 round(bc, 4), round(bc / bs, 4)])
+        stamp = datetime.datetime.now().isoformat(timespec="seconds")
+        rows = []
+        for phase in PHASES:
+            s, c = med["source"][phase], med["converted"][phase]
+            bs, bc = best["source"][phase], best["converted"][phase]
+            rows.append([stamp, args.layers, args.batch, args.seq, args.rank, args.threads, args.backend, args.steps,
+                         phase, round(s, 4), round(c, 4), round(c / s, 4), round(bs, 4), round(bc, 4),
+                         round(bc / bs, 4)])
+        append_rows(RESULTS, ["timestamp", "layers", "batch", "seq", "rank", "threads", "backend", "steps", "phase",
+                              "source_s", "converted_s", "ratio", "source_min_s", "converted_min_s", "ratio_min"], rows)
         console.print(f"appended to {RESULTS}")
     return 0
 

@@ -28,7 +28,6 @@ benchmarks/results/kernels.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import functools
 import platform
@@ -43,6 +42,8 @@ from rich.console import Console
 from rich.table import Table
 
 from surgeon import kernels
+
+from results_csv import append_rows  # benchmarks/, the script's own folder
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kernels.csv"
 EPS = 1e-6
@@ -209,13 +210,7 @@ def device_name(device):
 
 
 def append_csv(rows):
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    new = not RESULTS.exists()
-    with RESULTS.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    append_rows(RESULTS, CSV_FIELDS, rows)
 
 
 def fmt(value, spec):

@@ -41,7 +41,6 @@ benchmarks/results/bench_train.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -50,6 +49,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from results_csv import append_rows  # benchmarks/, the script's own folder
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_train.csv"
 SIDES = ("surgeon", "hf")
@@ -320,16 +321,11 @@ def main(argv=None) -> int:
                   f"{'OK' if ratio >= 1.0 else 'BELOW TARGET'}")
 
     if not args.no_csv:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        new = not RESULTS.exists()
-        with RESULTS.open("a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(["date", "cores", "threads", "model", "seq_len", "batch", "stage", "steps", "warmup",
-                                 "repeat", "surgeon_step_s", "hf_step_s", "surgeon_tok_s", "hf_tok_s", "ratio"])
-            writer.writerow([time.strftime("%Y-%m-%d %H:%M"), os.cpu_count(), args.threads, label, args.seq_len,
-                             args.batch_size, stage, args.steps, args.warmup, args.repeat, f"{step['surgeon']:.4f}",
-                             f"{step['hf']:.4f}", f"{tok_s['surgeon']:.1f}", f"{tok_s['hf']:.1f}", f"{ratio:.3f}"])
+        append_rows(RESULTS, ["date", "cores", "threads", "model", "seq_len", "batch", "stage", "steps", "warmup",
+                              "repeat", "surgeon_step_s", "hf_step_s", "surgeon_tok_s", "hf_tok_s", "ratio"],
+                    [[time.strftime("%Y-%m-%d %H:%M"), os.cpu_count(), args.threads, label, args.seq_len,
+                      args.batch_size, stage, args.steps, args.warmup, args.repeat, f"{step['surgeon']:.4f}",
+                      f"{step['hf']:.4f}", f"{tok_s['surgeon']:.1f}", f"{tok_s['hf']:.1f}", f"{ratio:.3f}"]])
         console.print(f"appended to {RESULTS}")
     return 0
 

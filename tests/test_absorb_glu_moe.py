@@ -438,7 +438,7 @@ def test_fused_expert_checkpoints(tmp_path, family):
     out = tmp_path / "out"
     convert(src, out, [AbsorbSinks(sinks=[SINK], scale=SCALE), GLU()], show_progress=False)
     assert torch.equal(logits(out, ids), reference)
-    fused = tensors(out)[f"model.layers.0.mlp.experts.down_proj"]
+    fused = tensors(out)["model.layers.0.mlp.experts.down_proj"]
     assert torch.equal(fused[:, SINK], model.model.layers[0].mlp.experts.down_proj[:, SINK].detach() / SCALE)
 
 

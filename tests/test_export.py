@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tiny import HIDE_SURGEON, input_ids, make_tiny
+from tiny import HIDE_SURGEON, input_ids, make_tiny, write_words
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 RECIPE = """\
@@ -38,17 +37,12 @@ shuffle_windows: 16
 quant_eval: [int4]
 objectives: {lm: 1.0}
 """
-WORDS = "the quick brown fox jumps over lazy dog and runs far away into wild green hills".split()
 STAGES = (0, 1, 2, 3)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _restore_environment():
-    """In-process runs make this process a group of one (RANK, MASTER_PORT, ...); later tests get the old env."""
-    saved = dict(os.environ)
+def _environment(restore_environment):
     yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +54,7 @@ def setup(tmp_path_factory):
     make_tiny(root / "src", "llama", tied=True)
     convert(root / "src", root / "model", [GatedNorm(rank=4), PreAffine()], show_progress=False)
     convert(root / "src", root / "glu", [GLU(alpha=0.0)], show_progress=False)
-    rng = random.Random(0)
-    (root / "text.txt").write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(200)))
+    write_words(root / "text.txt", 200)
     (root / "recipe.yaml").write_text(RECIPE)
     (root / "recipe-glu.yaml").write_text(RECIPE.replace("{lm: 1.0}", "{lm: 1.0, glu_alpha_steps: [0, 2]}"))
     return root

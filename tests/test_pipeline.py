@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from tiny import make_tiny
 
 from surgeon.cli import main
 from surgeon.commands.inspect import describe
 from surgeon.pipeline import PipelineConfig, run, split_text
+
+pytestmark = pytest.mark.usefixtures("restore_environment")  # the pipeline trains in-process
 
 RECIPE = """
 seq_len: 32

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny import make_tiny
+from tiny import make_tiny, write_words
 
 RECIPE = """\
 seq_len: 32
@@ -34,16 +33,11 @@ save_every: 2
 shuffle_windows: 64
 objectives: {lm: 1.0}
 """
-WORDS = "the quick brown fox jumps over lazy dog and runs far away into wild green hills".split()
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _restore_environment():
-    """In-process runs make this process a group of one (RANK, MASTER_PORT, ...); later tests get the old env."""
-    saved = dict(os.environ)
+def _environment(restore_environment):
     yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +48,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     make_tiny(root / "src", "llama")
     convert(root / "src", root / "model", [GatedNorm(rank=4), PreAffine()], show_progress=False)
-    rng = random.Random(0)
-    (root / "text.txt").write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(400)))
+    write_words(root / "text.txt", 400)
     (root / "recipe.yaml").write_text(RECIPE)
     return root
 

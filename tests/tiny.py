@@ -77,3 +77,15 @@ HIDE_SURGEON = textwrap.dedent("""
                 raise ImportError("surgeon is not installed here")
     sys.meta_path.insert(0, HideSurgeon())
 """)
+
+
+WORDS = "the quick brown fox jumps over lazy dog and runs far away into wild green hills".split()
+
+
+def write_words(path, lines: int, seed: int = 0, words_per_line: int = 12):
+    """A text file of `lines` lines of random WORDS (seeded): a training corpus for tiny models."""
+    import random
+
+    rng = random.Random(seed)
+    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(words_per_line)) for _ in range(lines)))
+    return path
