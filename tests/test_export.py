@@ -40,9 +40,7 @@ objectives: {lm: 1.0}
 STAGES = (0, 1, 2, 3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _environment(restore_environment):
-    yield
+pytestmark = pytest.mark.usefixtures("restore_environment")  # training in-process sets RANK, MASTER_PORT…
 
 
 @pytest.fixture(scope="module")
