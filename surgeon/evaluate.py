@@ -43,14 +43,20 @@ def perplexity(model, windows: list[torch.Tensor]) -> tuple[float, int]:
 
 
 def evaluate_model(model, windows: list[torch.Tensor], formats: tuple[str, ...] = FORMATS, *, name: str = "",
-                   skip: tuple[str, ...] | None = None, advance=lambda n=1: None) -> ModelEval:
+                   skip: tuple[str, ...] | None = None, smooth: dict[str, torch.Tensor] | None = None,
+                   advance=lambda n=1: None) -> ModelEval:
+    """Perplexity unquantized and in each format; with `smooth` (surgeon.quant.smoothquant_scales) every quantized
+    format is evaluated a second time after the SmoothQuant pre-pass, as "<format>+sq"."""
     result = ModelEval(model=name, tokens=0)
     kwargs = {} if skip is None else {"skip": skip}
-    for fmt in dict.fromkeys(("none", *formats)):
-        with fake_quantized(model, fmt, **kwargs) as n:
+    runs = [(fmt, None) for fmt in dict.fromkeys(("none", *formats))]
+    if smooth is not None:
+        runs += [(f"{fmt}+sq", fmt) for fmt in dict.fromkeys(formats) if fmt != "none"]
+    for key, fmt in runs:
+        with fake_quantized(model, fmt or key, smooth=smooth if fmt else None, **kwargs) as n:
             ppl, tokens = perplexity(model, windows)
-        result.perplexity[fmt] = ppl
-        result.layers_quantized[fmt] = n
+        result.perplexity[key] = ppl
+        result.layers_quantized[key] = n
         result.tokens = tokens
         advance(1)
     return result
@@ -69,7 +75,8 @@ def table(results: list[ModelEval], title: str = "perplexity (ratio to the model
     t = Table(title=title)
     t.add_column("model")
     for fmt in formats:
-        t.add_column("fp" if fmt == "none" else f"{fmt.upper()} W4A4", justify="right")
+        label = fmt.removesuffix("+sq").upper() + " W4A4" + (" +SmoothQuant" if fmt.endswith("+sq") else "")
+        t.add_column("fp" if fmt == "none" else label, justify="right")
     for r in results:
         cells = [f"{r.perplexity['none']:.2f}"]
         cells += [f"{r.perplexity[f]:,.1f} (×{r.ratio(f):.2f})" for f in formats if f != "none"]

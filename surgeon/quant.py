@@ -11,6 +11,12 @@ largest block scale lands at E4M3's maximum, 448:
 
 INT4, symmetric: q = clamp(round(x / s), −7, 7) · s with s = amax / 7, per group of `group` input channels for
 weights and per token for activations.
+
+SmoothQuant (Xiao et al. 2023) as an optional pre-pass: per input channel j of a linear layer,
+    s_j = max|X_j|^α / max|W_:,j|^(1−α)           (α = 0.5; max|X_j| over calibration tokens)
+and the layer computes q_a(x / s) · q_w(W · s)ᵀ, which is x · Wᵀ before rounding: the activation outlier channels
+are divided down and the weights take them up. Layers that read the same tensor (q/k/v, gate/up) share one s,
+taken over all their weights, as a deployment folds s into the norm (or the writer) in front of them.
 """
 
 from __future__ import annotations
@@ -108,10 +114,60 @@ def quantized_linears(model: nn.Module, skip: tuple[str, ...] = DEFAULT_SKIP) ->
             if isinstance(m, nn.Linear) and not any(part in skip for part in name.split("."))]
 
 
+SMOOTH_ALPHA = 0.5
+SMOOTH_FLOOR = 1e-5
+
+
+@torch.no_grad()
+def smoothquant_scales(model: nn.Module, windows, alpha: float = SMOOTH_ALPHA,
+                       skip: tuple[str, ...] = DEFAULT_SKIP) -> dict[str, torch.Tensor]:
+    """{linear layer name: s (in_features,)} from the activations of `windows` (batches of token ids); layers
+    whose forward reads the tensor the previous one read share s (see the module docstring)."""
+    if not 0 <= alpha <= 1:
+        raise SurgeonError(f"SmoothQuant alpha must be in [0, 1], got {alpha}")
+    layers = quantized_linears(model, skip)
+    amax: dict[str, torch.Tensor] = {}
+    group_of: dict[str, int] = {}
+    last = {"x": None, "group": -1, "groups": 0}
+
+    def hook(name):
+        def record(module, args):
+            x = args[0]
+            a = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()
+            amax[name] = torch.maximum(amax[name], a) if name in amax else a
+            if name not in group_of:  # grouping from the first forward: same tensor object as the previous layer
+                if last["x"] is not x:
+                    last["group"], last["groups"] = last["groups"], last["groups"] + 1
+                group_of[name] = last["group"]
+            last["x"] = x
+        return record
+
+    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers]
+    try:
+        for ids in windows:
+            last["x"] = None
+            model(input_ids=ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    scales = {}
+    weights = dict(layers)
+    for group in set(group_of.values()):
+        names = [n for n in group_of if group_of[n] == group]
+        a = torch.stack([amax[n] for n in names]).amax(0)
+        w = torch.stack([weights[n].weight.detach().abs().amax(0).float() for n in names]).amax(0)
+        s = (a.clamp(min=SMOOTH_FLOOR).pow(alpha) / w.clamp(min=SMOOTH_FLOOR).pow(1 - alpha)).clamp(min=SMOOTH_FLOOR)
+        for n in names:
+            scales[n] = s
+    return scales
+
+
 @contextmanager
-def fake_quantized(model: nn.Module, fmt: str, skip: tuple[str, ...] = DEFAULT_SKIP) -> Iterator[int]:
+def fake_quantized(model: nn.Module, fmt: str, skip: tuple[str, ...] = DEFAULT_SKIP,
+                   smooth: dict[str, torch.Tensor] | None = None) -> Iterator[int]:
     """Within the block, every linear layer (but `skip`) has W4 weights and A4 inputs; restored on exit.
-    Yields the number of layers quantized."""
+    `smooth` ({layer name: s}, smoothquant_scales) quantizes x / s and W · s instead. Yields the number of layers
+    quantized."""
     if fmt == "none":
         yield 0
         return
@@ -120,10 +176,18 @@ def fake_quantized(model: nn.Module, fmt: str, skip: tuple[str, ...] = DEFAULT_S
     saved, hooks = [], []
     try:
         with torch.no_grad():
-            for _, layer in layers:
+            for name, layer in layers:
                 saved.append((layer, layer.weight.data))
-                layer.weight.data = quantize_w(layer.weight.data)
-                hooks.append(layer.register_forward_pre_hook(lambda mod, args: (quantize_x(args[0]), *args[1:])))
+                s = None if smooth is None else smooth.get(name)
+                if s is None:
+                    layer.weight.data = quantize_w(layer.weight.data)
+                    hooks.append(layer.register_forward_pre_hook(
+                        lambda mod, args: (quantize_x(args[0]), *args[1:])))
+                else:
+                    w = layer.weight.data
+                    layer.weight.data = quantize_w(w * s.to(w))
+                    hooks.append(layer.register_forward_pre_hook(
+                        lambda mod, args, s=s: (quantize_x(args[0] / s.to(args[0])), *args[1:])))
         yield len(layers)
     finally:
         for hook in hooks:

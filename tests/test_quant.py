@@ -100,3 +100,76 @@ def test_fake_quantization_is_applied_and_undone(tiny):
     assert quantized != perplexity(tiny, windows)[0]
     result = evaluate_model(tiny, windows, ("nvfp4", "int4"))
     assert set(result.perplexity) == {"none", "nvfp4", "int4"} and result.ratio("none") == 1.0
+
+
+def test_smoothquant_shares_scales_among_readers_of_one_tensor_and_keeps_the_function(tiny, monkeypatch):
+    from surgeon import quant
+
+    windows = [input_ids(2, 16, seed=s) for s in range(2)]
+    scales = quant.smoothquant_scales(tiny, windows)
+    assert set(scales) == {n for n, _ in quantized_linears(tiny)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        q, k, v = (scales[p + f"self_attn.{x}_proj"] for x in "qkv")
+        assert q is k is v  # one input tensor, one s (folded into the norm in front)
+        assert scales[p + "mlp.gate_proj"] is scales[p + "mlp.up_proj"]
+        assert scales[p + "self_attn.o_proj"] is not q and scales[p + "mlp.down_proj"] is not q
+    # s_j = max|X_j|^½ / max|W_:,j|^½, by hand for one layer
+    amax = []
+    hook = tiny.model.layers[0].mlp.down_proj.register_forward_pre_hook(
+        lambda m, a: amax.append(a[0].abs().reshape(-1, a[0].shape[-1]).amax(0)))
+    with torch.no_grad():
+        for w in windows:
+            tiny(input_ids=w)
+    hook.remove()
+    a = torch.stack(amax).amax(0)
+    w = tiny.model.layers[0].mlp.down_proj.weight.abs().amax(0)
+    torch.testing.assert_close(scales["model.layers.0.mlp.down_proj"], (a.sqrt() / w.sqrt()).clamp(min=1e-5))
+    # with rounding switched off, x/s · (W·s)ᵀ is the unquantized layer: same logits
+    monkeypatch.setitem(quant._QUANTIZERS, "int4", (lambda t: t, lambda t: t))
+    with torch.no_grad():
+        plain = tiny(input_ids=windows[0]).logits
+        with fake_quantized(tiny, "int4", smooth=scales):
+            smoothed = tiny(input_ids=windows[0]).logits
+    torch.testing.assert_close(smoothed, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_smoothquant_tames_an_outlier_channel():
+    from surgeon.quant import smoothquant_scales
+
+    class OneLinear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = torch.nn.Embedding(64, 64)
+            self.proj = torch.nn.Linear(64, 32, bias=False)
+            with torch.no_grad():
+                self.embed.weight[:, 5] *= 100  # one activation channel 100× the rest
+
+        def forward(self, input_ids):
+            return self.proj(self.embed(input_ids))
+
+    model = OneLinear()
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    exact = model(input_ids=ids).detach()
+    scales = smoothquant_scales(model, [ids])
+    errors = {}
+    for label, smooth in (("plain", None), ("smoothquant", scales)):
+        with torch.no_grad(), fake_quantized(model, "int4", skip=(), smooth=smooth):
+            errors[label] = (model(input_ids=ids) - exact).pow(2).mean().item()
+    assert errors["smoothquant"] < errors["plain"] / 4
+
+
+def test_eval_cli_smoothquant_adds_columns(tmp_path, capsys):
+    from surgeon.cli import main
+
+    model = make_tiny(tmp_path / "m", "llama")
+    (tmp_path / "t.txt").write_text("to be or not to be that is the question " * 200)
+    out = tmp_path / "r.json"
+    assert main(["eval", str(model), "--data", str(tmp_path / "t.txt"), "--quant", "int4", "--seq-len", "16",
+                 "--windows", "2", "--skip-tokens", "40", "--smoothquant", "--json", str(out)]) == 0
+    import json
+
+    ppl = json.loads(out.read_text())[0]["perplexity"]
+    assert set(ppl) == {"none", "int4", "int4+sq"} and ppl["int4+sq"] != ppl["int4"]
+    assert "SmoothQuant" in capsys.readouterr().out

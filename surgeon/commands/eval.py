@@ -1,4 +1,4 @@
-"""surgeon eval MODEL [MODEL ...] --data TEXT [--quant none,nvfp4,int4]: perplexity with fake-quantized W4A4,
+"""surgeon eval MODEL [MODEL ...] --data TEXT [--quant none,nvfp4,int4] [--smoothquant [ALPHA]]: perplexity with fake-quantized W4A4,
 models side by side, each with its ratio to its own unquantized perplexity."""
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ def add_parser(sub):
     p.add_argument("--skip-tokens", type=int, default=1000, help="tokens skipped at the start (%(default)s)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--quantize-lm-head", action="store_true", help="quantize the LM head too")
+    p.add_argument("--smoothquant", type=float, nargs="?", const=0.5, default=None, metavar="ALPHA",
+                   help="also evaluate each format after a SmoothQuant pre-pass (α, default 0.5), calibrated on "
+                        "the skipped tokens before the evaluation windows")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     p.add_argument("--trust-remote-code", action="store_true", help="(dangerous) run a checkpoint's own code")
     p.set_defaults(func=run)
@@ -40,7 +43,7 @@ def run(args) -> int:
 
     from ..evaluate import evaluate_model, save, table
     from ..progress import progress_bar
-    from ..quant import DEFAULT_SKIP
+    from ..quant import DEFAULT_SKIP, smoothquant_scales
     from ..sources import iter_token_windows, load_model, resolve_model, resolve_text
 
     formats = parse_formats(args.quant)
@@ -48,17 +51,36 @@ def run(args) -> int:
     dirs = [resolve_model(m, trust_remote_code=args.trust_remote_code) for m in args.models]
     skip = tuple(s for s in DEFAULT_SKIP if not (args.quantize_lm_head and s == "lm_head"))
     torch.manual_seed(0)
-    results, windows = [], None
-    n_steps = len(dirs) * len(dict.fromkeys(("none", *formats)))
+    results, windows, calibration = [], None, None
+    n_quantized = len([f for f in dict.fromkeys(formats) if f != "none"])
+    n_steps = len(dirs) * (1 + n_quantized * (2 if args.smoothquant is not None else 1))
     with progress_bar("evaluating", n_steps, unit="items") as advance:
         for spec, path in zip(args.models, dirs):
             model, tokenizer = load_model(path, trust_remote_code=args.trust_remote_code)
             if windows is None:  # the first model's tokenizer defines the windows for all
                 windows = list(iter_token_windows(paths, tokenizer, args.seq_len, args.seq_len * args.windows,
                                                   args.batch_size, skip_tokens=args.skip_tokens))
-            results.append(evaluate_model(model, windows, formats, name=spec, skip=skip, advance=advance))
+            smooth = None
+            if args.smoothquant is not None:
+                if calibration is None:
+                    calibration = _calibration_windows(paths, tokenizer, args, windows)
+                smooth = smoothquant_scales(model, calibration, args.smoothquant, skip)
+            results.append(evaluate_model(model, windows, formats, name=spec, skip=skip, smooth=smooth,
+                                          advance=advance))
             del model
     Console().print(table(results))
     if args.json:
         save(results, args.json)
     return 0
+
+
+def _calibration_windows(paths, tokenizer, args, windows):
+    """SmoothQuant's calibration text: the tokens skipped before the evaluation windows, when they hold a window;
+    else the evaluation windows themselves (said on the console)."""
+    from ..sources import iter_token_windows
+
+    if args.skip_tokens >= args.seq_len:
+        return list(iter_token_windows(paths, tokenizer, args.seq_len, args.skip_tokens, args.batch_size))
+    Console(stderr=True).print("[yellow]SmoothQuant calibrates on the evaluation windows: --skip-tokens is shorter "
+                               "than one window")
+    return windows
