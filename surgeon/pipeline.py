@@ -26,6 +26,7 @@ from .convert import convert
 from .evaluate import ModelEval, evaluate_model
 from .io import staged_directory
 from .progress import console, progress_bar
+from .quant import smoothquant_scales
 from .scan import ScanReport, scan
 from .sources import iter_token_windows, load_model, resolve_model, resolve_text
 from .transforms import AbsorbSinks, GatedNorm, PreAffine
@@ -89,8 +90,13 @@ def _scan_and_eval(label: str, model_dir: Path, paths: list[Path], cfg: Pipeline
                                            cfg.batch_size, skip_tokens=cfg.eval_skip_tokens))
     console.print(f"[bold]eval[/] {label}: fp32, {', '.join(f.upper() for f in EVAL_FORMATS)} W4A4 on "
                   f"{cfg.eval_windows} × {cfg.seq_len} tokens")
-    with progress_bar(f"eval {label}", 1 + len(EVAL_FORMATS)) as advance:
-        result.evals[label] = evaluate_model(model, eval_windows, EVAL_FORMATS, name=label, advance=advance)
+    smooth = None
+    if cfg.eval_skip_tokens >= cfg.seq_len:  # SmoothQuant calibrates on the tokens before the evaluation windows
+        calibration = iter_token_windows(paths, tokenizer, cfg.seq_len, cfg.eval_skip_tokens, cfg.batch_size)
+        smooth = smoothquant_scales(model, calibration)
+    with progress_bar(f"eval {label}", 1 + len(EVAL_FORMATS) * (1 + (smooth is not None))) as advance:
+        result.evals[label] = evaluate_model(model, eval_windows, EVAL_FORMATS, name=label, smooth=smooth,
+                                             advance=advance)
     result.stages[f"eval {label}"] = time.perf_counter() - t
 
 
@@ -166,6 +172,10 @@ def _absorbed(conversion) -> str:
     return "; absorbed " + ", ".join(f"dim {s['dim']} ÷{s['scale']:g}" for s in sinks) + untied
 
 
+def _format_label(fmt: str) -> str:
+    return fmt.removesuffix("+sq").upper() + " W4A4" + (" +SQ" if fmt.endswith("+sq") else "")
+
+
 def _fmt(x: float) -> str:
     return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.2f}"
 
@@ -226,20 +236,24 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
                      f"{first['linear_input_max_rms']:.1f} ({first['linear_input_max_rms_worst']:.1f}) | "
                      f"{first['linear_input_max_rms']:.1f} ({first['linear_input_max_rms_worst']:.1f}) | "
                      f"{last['linear_input_max_rms']:.1f} ({last['linear_input_max_rms_worst']:.1f}) |")
+    columns = [f for f in next(iter(result.evals.values())).perplexity if f != "none"]
+    smoothed = any(f.endswith("+sq") for f in columns)
     lines += ["", "## Perplexity and W4A4", "",
               f"{cfg.eval_windows} windows × {cfg.seq_len} tokens from token {cfg.eval_skip_tokens}; every linear "
               "layer's weights and inputs fake-quantized (LM head and gate projections excluded); in brackets the "
-              "ratio to the model's own fp32 perplexity.", "",
-              "| model | fp32 | " + " | ".join(f"{f.upper()} W4A4" for f in EVAL_FORMATS) + " |",
-              "|---|---:|" + "---:|" * len(EVAL_FORMATS)]
+              "ratio to the model's own fp32 perplexity."
+              + (f" \"+SQ\": after a SmoothQuant pre-pass (α = 0.5) calibrated on the first {cfg.eval_skip_tokens} "
+                 "tokens, the same for every model." if smoothed else ""), "",
+              "| model | fp32 | " + " | ".join(_format_label(f) for f in columns) + " |",
+              "|---|---:|" + "---:|" * len(columns)]
     for label, ev in result.evals.items():
         lines.append(f"| {label} | {ev.perplexity['none']:.2f} | "
-                     + " | ".join(f"{ev.perplexity[f]:,.1f} (×{ev.ratio(f):.2f})" for f in EVAL_FORMATS) + " |")
+                     + " | ".join(f"{ev.perplexity[f]:,.1f} (×{ev.ratio(f):.2f})" for f in columns) + " |")
     if "trained" in result.evals:
         src, out_ev = result.evals["source"].perplexity, result.evals["trained"].perplexity
         lines += ["", "Trained ÷ source perplexity: " + ", ".join(
-            f"{'fp32' if f == 'none' else f.upper() + ' W4A4'} {out_ev[f] / src[f]:.2f}×" for f in ("none",
-                                                                                              *EVAL_FORMATS)) + "."]
+            f"{'fp32' if f == 'none' else _format_label(f)} {out_ev[f] / src[f]:.2f}×" for f in ("none", *columns))
+            + "."]
     lines += ["", "The converted model computes the same function as the source: the gates are identity-initialized, "
               "and each sink dimension is divided by a power of two in every residual writer (embedding, o_proj and "
               "down_proj rows) and multiplied back in every reading norm's PreAffine. The residual stream shrinks "

@@ -42,7 +42,7 @@ def test_pipeline_runs_end_to_end(tmp_path):
 
     (tmp_path / "recipe.yaml").write_text(RECIPE)
     cfg = PipelineConfig(model=str(src), data=str(tmp_path / "text.txt"), rank=4, scan_tokens=256, seq_len=32,
-                         eval_windows=2, eval_skip_tokens=0, batch_size=2, recipe=str(tmp_path / "recipe.yaml"))
+                         eval_windows=2, eval_skip_tokens=32, batch_size=2, recipe=str(tmp_path / "recipe.yaml"))
     result = run(cfg, tmp_path / "run")
     out = tmp_path / "run"
     converted, trained = out / "model-converted", out / "model-trained"
@@ -68,6 +68,8 @@ def test_pipeline_runs_end_to_end(tmp_path):
     report = (out / "report.md").read_text()
     assert "| | source | converted | trained |" in report and "evaluation windows come from the training" in report
     assert "| residual peak max" in report and "INT4 W4A4" in report and "dim 7 ÷" in report
+    assert "INT4 W4A4 +SQ" in report and set(result.evals["trained"].perplexity) == {
+        "none", "nvfp4", "int4", "nvfp4+sq", "int4+sq"}
     assert "Trained ÷ source perplexity" in report and "![training loss](train/loss.png)" in report
     for label in ("source", "converted", "trained"):
         assert (out / f"scan-{label}" / "scan.json").is_file()
