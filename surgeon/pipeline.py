@@ -88,12 +88,13 @@ def _scan_and_eval(label: str, model_dir: Path, paths: list[Path], cfg: Pipeline
     t = time.perf_counter()
     eval_windows = list(iter_token_windows(paths, tokenizer, cfg.seq_len, cfg.seq_len * cfg.eval_windows,
                                            cfg.batch_size, skip_tokens=cfg.eval_skip_tokens))
-    console.print(f"[bold]eval[/] {label}: fp32, {', '.join(f.upper() for f in EVAL_FORMATS)} W4A4 on "
-                  f"{cfg.eval_windows} × {cfg.seq_len} tokens")
     smooth = None
     if cfg.eval_skip_tokens >= cfg.seq_len:  # SmoothQuant calibrates on the tokens before the evaluation windows
         calibration = iter_token_windows(paths, tokenizer, cfg.seq_len, cfg.eval_skip_tokens, cfg.batch_size)
         smooth = smoothquant_scales(model, calibration)
+    console.print(f"[bold]eval[/] {label}: fp32, {', '.join(f.upper() for f in EVAL_FORMATS)} W4A4"
+                  f"{' (plain and after SmoothQuant)' if smooth is not None else ''} on "
+                  f"{cfg.eval_windows} × {cfg.seq_len} tokens")
     with progress_bar(f"eval {label}", 1 + len(EVAL_FORMATS) * (1 + (smooth is not None))) as advance:
         result.evals[label] = evaluate_model(model, eval_windows, EVAL_FORMATS, name=label, smooth=smooth,
                                              advance=advance)
