@@ -42,7 +42,7 @@ from . import __version__
 from .convert import DEFAULT_SHARD_SIZE, MANIFEST, copy_side_files, set_model_type
 from .dtypes import parse_dtype
 from .errors import SurgeonError, one_line
-from .io import Checkpoint, TensorSpec, check_destination, parse_size, staged_directory, write_sharded
+from .io import Checkpoint, TensorSpec, check_destination, final_path, parse_size, staged_directory, write_sharded
 from .io.digest import SourceHasher
 from .modeling import GLU_ACTIVATION, MODELING_FILE
 from .progress import progress_bar
@@ -437,8 +437,9 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str | t
     resumed = run.get("resumed") or []
     world = resumed[-1].get("world_size") if resumed else run.get("world_size")
     training = {"recipe": recipe, "objectives": objectives, "steps": trained_steps, "tokens": tokens,
-                "world_size": world, "run_dir": str(run_dir.resolve()), "checkpoint": tag, "zero_stage": stage,
-                "model": str(model_dir.resolve()), "model_sha256": (run.get("model") or {}).get("sha256"),
+                "world_size": world, "run_dir": str(final_path(run_dir.resolve())), "checkpoint": tag,
+                "zero_stage": stage, "model": str(final_path(model_dir.resolve())),
+                "model_sha256": (run.get("model") or {}).get("sha256"),
                 "data": run.get("data")}
 
     alpha = _trained_glu_alpha(config, objectives, trained_steps)
@@ -509,9 +510,9 @@ def write_export_manifest(out: Path, report: ExportReport, config: dict) -> None
         "stock": report.stock,
         "transforms": report.transforms,
         "surgeon": block,
-        "model": {"path": str(report.model_dir), "sha256": report.model_sha256},
+        "model": {"path": str(final_path(report.model_dir)), "sha256": report.model_sha256},
         "training": training,
-        "checkpoint": {"run_dir": str(report.run_dir), "tag": report.tag, "step": report.step,
+        "checkpoint": {"run_dir": str(final_path(report.run_dir)), "tag": report.tag, "step": report.step,
                        "zero_stage": report.zero_stage},
         "dtype": report.dtype,
         "parameters": report.parameters,
@@ -533,14 +534,14 @@ def write_export_manifest(out: Path, report: ExportReport, config: dict) -> None
     lines = [
         "---", "library_name: transformers", "tags: [surgeon, gated-norm, pre-affine, continued-pretraining]", "---",
         "", f"# {report.output.name}", "",
-        f"Exported by surgeon {__version__} from the training run `{report.run_dir}` "
+        f"Exported by surgeon {__version__} from the training run `{final_path(report.run_dir)}` "
         f"(checkpoint `{report.tag}`, ZeRO stage {report.zero_stage}).", "",
         "| | |", "|---|---|",
         f"| source checkpoint | `{history[0].get('source', '—')}` |",
         f"| source sha256 | `{report.source_sha256 or '—'}` |",
         f"| family | {report.family} |",
         f"| transforms | {', '.join(report.transforms) or '—'} |",
-        f"| trained model dir | `{report.model_dir}` (sha256 `{report.model_sha256}`) |",
+        f"| trained model dir | `{final_path(report.model_dir)}` (sha256 `{report.model_sha256}`) |",
         f"| steps | {report.step:,} |",
         f"| tokens | {_fmt(report.tokens)} |",
         f"| world size | {_fmt(report.world_size)} |",

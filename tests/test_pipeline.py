@@ -60,7 +60,11 @@ def test_pipeline_runs_end_to_end(tmp_path):
 
     # trained with the recipe, exported, evaluated: a different function from the converted one
     assert result.training["steps"] == 3 and result.training["tokens"] == 3 * 2 * 33
-    assert json.loads((trained / "config.json").read_text())["surgeon"]["training"]["steps"] == 3
+    training = json.loads((trained / "config.json").read_text())["surgeon"]["training"]
+    assert training["steps"] == 3
+    # provenance names where the run and the converted model end up, not the staging directory they were in
+    assert training["run_dir"] == str((out / "train").resolve()) and training["model"] == str(converted.resolve())
+    assert "surgeon-tmp" not in (trained / "README.md").read_text() + (trained / "surgeon_manifest.json").read_text()
     assert result.evals["trained"].perplexity["none"] != result.evals["converted"].perplexity["none"]
     assert (out / "train" / "metrics.jsonl").is_file() and not (out / "train" / "checkpoints").exists()
     assert result.text["overlap"]  # one file: nothing to hold out, and the report says so
@@ -95,3 +99,13 @@ def test_a_bad_recipe_fails_before_any_work(tmp_path):
     assert main(["pipeline", "--model", str(src), "--data", str(tmp_path / "text.txt"), "--out",
                  str(tmp_path / "run"), "--recipe", "no-such-recipe"]) == 2
     assert not (tmp_path / "run").exists()
+
+
+def test_final_path_names_the_destination_of_staged_directories():
+    from pathlib import Path
+
+    from surgeon.io import final_path
+
+    staged = Path("/r/.smollm2.hpx086hb.surgeon-tmp/.model-trained.x1y2.surgeon-tmp/config.json")
+    assert final_path(staged) == Path("/r/smollm2/model-trained/config.json")
+    assert final_path(Path("/r/.hidden/a.b.c/x")) == Path("/r/.hidden/a.b.c/x")  # not a staging name

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from surgeon.errors import SurgeonError
+from surgeon.io import final_path
 from surgeon.plan import Plan
 
 AUTO = "auto"
@@ -277,7 +278,8 @@ class AbsorbSinks:
         block = plan.surgeon.setdefault(self.key, {"sinks": []})
         block["sinks"] = block["sinks"] + [
             {"dim": k, "scale": s, "ratio_to_median": ratios[k],
-             "from": "explicit" if self.scale != AUTO else str(self.scan or f"scan of {self.data}")}
+             "from": "explicit" if self.scale != AUTO else
+             str(final_path(self.scan) if self.scan else f"scan of {self.data}")}
             for k, s in scales.items()
         ]
         block["targets"] = readers

@@ -31,6 +31,21 @@ def check_destination(dest: Path, *, force: bool = False, sources: tuple[Path, .
         raise SurgeonError(f"destination {dest} exists and is not a directory; remove it first")
 
 
+STAGING_SUFFIX = ".surgeon-tmp"
+
+
+def final_path(path: str | os.PathLike) -> Path:
+    """Where `path` will be once every staging directory on it is renamed into place: `.NAME.<random>.surgeon-tmp`
+    components become NAME. For what an output records about its inputs (a pipeline exports from a run that is
+    still inside its own staging directory)."""
+    parts = []
+    for part in Path(path).parts:
+        if part.startswith(".") and part.endswith(STAGING_SUFFIX) and part.count(".") >= 3:
+            part = part[1:-len(STAGING_SUFFIX)].rsplit(".", 1)[0]
+        parts.append(part)
+    return Path(*parts)
+
+
 @contextmanager
 def staged_directory(dest: Path, *, force: bool = False, sources: tuple[Path, ...] = (),
                      exist_ok: bool = False) -> Iterator[Path]:
@@ -40,7 +55,7 @@ def staged_directory(dest: Path, *, force: bool = False, sources: tuple[Path, ..
     dest = Path(dest)
     check_destination(dest, force=force, sources=sources, exist_ok=exist_ok)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".surgeon-tmp", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=STAGING_SUFFIX, dir=dest.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other directory
