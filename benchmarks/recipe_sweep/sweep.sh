@@ -7,7 +7,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=$(mkdir -p "$1" && cd "$1" && pwd); shift
-recipes=("${@:-plain plain_lr plain_lr2 mixqat mixqat_p mixqat25 mixqat_lr mixqat_lr2}")
+recipes=("${@:-plain plain_lr plain_lr2 mixqat mixqat_p mixqat25 mixqat_lr mixqat_lr2 mixqat_lr4}")
 texts=$(python -c "from surgeon.sources import default_text_dir; print(default_text_dir())")
 mkdir -p "$out/train_text"
 ls "$texts"/*_gut.txt | sort | tail -n +3 | while read -r f; do ln -sf "$f" "$out/train_text/"; done  # plays 3..: 1-2 are eval
