@@ -46,10 +46,8 @@ from .io import Checkpoint, TensorSpec, check_destination, final_path, parse_siz
 from .io.digest import SourceHasher
 from .modeling import GLU_ACTIVATION, MODELING_FILE
 from .progress import progress_bar
+from .train.rundir import CHECKPOINTS, RUN_JSON, read_metrics
 
-CHECKPOINTS = "checkpoints"  # the names surgeon.train.loop writes (not imported: that pulls in the training stack)
-METRICS = "metrics.jsonl"
-RUN_JSON = "run.json"
 WEIGHTS_ONLY_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 NO_WEIGHTS_ONLY_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 # (module, name) of the classes DeepSpeed pickles into its checkpoints, found by loading stage 0-3 checkpoints with
@@ -129,20 +127,6 @@ def _checkpoint_tag(run_dir: Path, step: int | None) -> str:
         raise SurgeonError(f"{checkpoints}/latest names {tag!r}, which is missing; pass --step N (available: "
                            f"{', '.join(available) or 'none'})")
     return tag
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / METRICS
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise SurgeonError(f"{path} has a line that is not JSON; restore it from the run") from None
-    return records
 
 
 # ----------------------------------------------------------------------------- reading DeepSpeed checkpoints
@@ -429,7 +413,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str | t
         objectives = ObjectiveConfig(**(recipe.get("objectives") or {})).to_dict()
     except SurgeonError:
         objectives = run.get("objectives") or {}
-    records = _metrics(run_dir)
+    records = read_metrics(run_dir)
     tokens = next((r.get("tokens") for r in records if r.get("step") == trained_steps and "tokens" in r), None)
     evals = [r for r in records if isinstance(r.get("eval"), dict) and r.get("step", 0) <= trained_steps]
     before = _eval_figures(evals[0]) if evals else None

@@ -154,10 +154,12 @@ def run(cfg: PipelineConfig, out: str | Path, *, force: bool = False) -> Pipelin
 
 
 def _training_summary(run_dir: Path, steps: int, seconds: float) -> dict:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    from .train.rundir import RUN_JSON, read_metrics
+
+    records = read_metrics(run_dir)
     speeds = sorted(r["tokens_per_s"] for r in records if "tokens_per_s" in r)
     evals = [r for r in records if "eval" in r]
-    run = json.loads((run_dir / "run.json").read_text())
+    run = json.loads((run_dir / RUN_JSON).read_text())
     return {"steps": steps, "tokens": max((r.get("tokens", 0) for r in records), default=0),
             "tokens_per_s_median": speeds[len(speeds) // 2] if speeds else None, "seconds": seconds,
             "recipe": run["recipe"], "objectives": run["objectives"],

@@ -7,4 +7,5 @@
     engine.py      DeepSpeed: process group, config, AdamW groups (new vs pretrained), warmup + cosine
     loop.py        steps, measurement, checkpoints, exact resume, metrics.jsonl, run.json
     curves.py      PNG curves from metrics.jsonl
+    rundir.py      the run directory's file names and metrics reader (export and the pipeline read runs too)
 """

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -19,10 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..plots import _layer_labels, _save  # noqa: E402
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+from .rundir import read_metrics  # noqa: E402
 
 
 def draw_curves(metrics_path: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:

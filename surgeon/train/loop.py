@@ -42,10 +42,8 @@ from . import engine as ds
 from .data import WindowStream
 from .objectives import ObjectiveConfig, Objectives
 from .recipe import Recipe, load_recipe
+from .rundir import CHECKPOINTS, METRICS, RUN_JSON
 
-CHECKPOINTS = "checkpoints"
-METRICS = "metrics.jsonl"
-RUN_JSON = "run.json"
 
 
 @dataclass
