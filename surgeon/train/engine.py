@@ -22,7 +22,6 @@ import json
 import math
 import os
 import socket
-from pathlib import Path
 
 import torch
 
@@ -40,14 +39,9 @@ def is_new_parameter(name: str) -> bool:
 def load_ds_config(path: str | os.PathLike | None) -> dict:
     if path is None:
         return json.loads(json.dumps(DEFAULT_CONFIG))
-    from surgeon.configs import names, shipped
+    from surgeon.configs import locate
 
-    path = Path(path)
-    if not path.is_file():
-        path = shipped("deepspeed", str(path)) or path
-    if not path.is_file():
-        raise SurgeonError(f"DeepSpeed config {path} not found: pass a JSON file or a shipped config "
-                           f"({', '.join(names('deepspeed'))})")
+    path = locate("deepspeed", path, "DeepSpeed config")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 from ..errors import SurgeonError
 
@@ -132,14 +131,9 @@ def load_recipe(path: str | os.PathLike | None, **overrides) -> Recipe:
         return make_recipe(None, source="recipe", **overrides)
     import yaml
 
-    from surgeon.configs import names, shipped
+    from surgeon.configs import locate
 
-    path = Path(path)
-    if not path.is_file():
-        path = shipped("recipe", str(path)) or path
-    if not path.is_file():
-        raise SurgeonError(f"recipe {path} not found: pass a YAML file or a shipped recipe "
-                           f"({', '.join(names('recipe'))})")
+    path = locate("recipe", path, "recipe")
     try:
         settings = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
