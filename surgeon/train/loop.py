@@ -230,13 +230,16 @@ def train(model: str | os.PathLike, data: str | os.PathLike | list, run_dir: str
         # the before/after W4A4 figures, first and last measurement only; ZeRO-3 holds each rank's shard of the
         # weights, which fake quantization cannot rewrite in place: `surgeon eval` the export instead
         if quant and recipe.quant_eval and engine.zero_optimization_stage() < 3:
-            from ..evaluate import evaluate_model
+            from ..evaluate import perplexity
+            from ..quant import fake_quantized
 
             was_training = engine.module.training
             engine.module.eval()
-            result = evaluate_model(engine.module, heldout, tuple(recipe.quant_eval))
+            metrics["quant_ppl"] = {}
+            for fmt in recipe.quant_eval:  # the unquantized perplexity is measure()'s: not computed again
+                with fake_quantized(engine.module, fmt):
+                    metrics["quant_ppl"][fmt] = perplexity(engine.module, heldout)[0]
             engine.module.train(was_training)
-            metrics["quant_ppl"] = {f: p for f, p in result.perplexity.items() if f != "none"}
         if sink_dims is None:
             sink_dims = metrics["top_dims"]
             if lead:
