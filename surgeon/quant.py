@@ -118,14 +118,20 @@ SMOOTH_ALPHA = 0.5
 SMOOTH_FLOOR = 1e-5
 
 
-@torch.no_grad()
-def smoothquant_scales(model: nn.Module, windows, alpha: float = SMOOTH_ALPHA,
-                       skip: tuple[str, ...] = DEFAULT_SKIP) -> dict[str, torch.Tensor]:
-    """{linear layer name: s (in_features,)} from the activations of `windows` (batches of token ids); layers
-    whose forward reads the tensor the previous one read share s (see the module docstring)."""
+def balance_scales(act_amax: torch.Tensor, weight_amax: torch.Tensor, alpha: float = SMOOTH_ALPHA) -> torch.Tensor:
+    """SmoothQuant's per-channel s = max|X_j|^α / max|W_:,j|^(1−α), both maxima floored (no division by 0)."""
     if not 0 <= alpha <= 1:
         raise SurgeonError(f"SmoothQuant alpha must be in [0, 1], got {alpha}")
-    layers = quantized_linears(model, skip)
+    a = act_amax.float().clamp(min=SMOOTH_FLOOR).pow(alpha)
+    return (a / weight_amax.float().clamp(min=SMOOTH_FLOOR).pow(1 - alpha)).clamp(min=SMOOTH_FLOOR)
+
+
+@torch.no_grad()
+def input_channel_amax(model: nn.Module, windows, layers: list[tuple[str, nn.Module]]
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Per layer, max |x_j| over every token of `windows` (batches of token ids) for each input channel j; and
+    which layers read one tensor: group ids, equal for a layer whose input is the very tensor the previous
+    layer read (q/k/v, gate/up), taken from the first forward."""
     amax: dict[str, torch.Tensor] = {}
     group_of: dict[str, int] = {}
     last = {"x": None, "group": -1, "groups": 0}
@@ -135,7 +141,7 @@ def smoothquant_scales(model: nn.Module, windows, alpha: float = SMOOTH_ALPHA,
             x = args[0]
             a = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()
             amax[name] = torch.maximum(amax[name], a) if name in amax else a
-            if name not in group_of:  # grouping from the first forward: same tensor object as the previous layer
+            if name not in group_of:
                 if last["x"] is not x:
                     last["group"], last["groups"] = last["groups"], last["groups"] + 1
                 group_of[name] = last["group"]
@@ -150,13 +156,24 @@ def smoothquant_scales(model: nn.Module, windows, alpha: float = SMOOTH_ALPHA,
     finally:
         for handle in handles:
             handle.remove()
+    return amax, group_of
+
+
+@torch.no_grad()
+def smoothquant_scales(model: nn.Module, windows, alpha: float = SMOOTH_ALPHA,
+                       skip: tuple[str, ...] = DEFAULT_SKIP) -> dict[str, torch.Tensor]:
+    """{linear layer name: s (in_features,)} from the activations of `windows` (batches of token ids); layers
+    whose forward reads the tensor the previous one read share s (see the module docstring)."""
+    balance_scales(torch.ones(1), torch.ones(1), alpha)  # refuse a bad alpha before the calibration forward
+    layers = quantized_linears(model, skip)
+    amax, group_of = input_channel_amax(model, windows, layers)
     scales = {}
     weights = dict(layers)
     for group in set(group_of.values()):
         names = [n for n in group_of if group_of[n] == group]
         a = torch.stack([amax[n] for n in names]).amax(0)
         w = torch.stack([weights[n].weight.detach().abs().amax(0).float() for n in names]).amax(0)
-        s = (a.clamp(min=SMOOTH_FLOOR).pow(alpha) / w.clamp(min=SMOOTH_FLOOR).pow(1 - alpha)).clamp(min=SMOOTH_FLOOR)
+        s = balance_scales(a, w, alpha)
         for n in names:
             scales[n] = s
     return scales

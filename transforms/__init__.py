@@ -8,8 +8,9 @@ from .base import RESIDUAL_READERS, NormTransform
 from .gated_norm import DEFAULT_RANK, GatedNorm
 from .glu import GLU
 from .pre_affine import PreAffine
+from .smooth import Smooth
 
-TRANSFORMS = {cls.name: cls for cls in (GatedNorm, PreAffine, AbsorbSinks, GLU)}
+TRANSFORMS = {cls.name: cls for cls in (GatedNorm, PreAffine, AbsorbSinks, GLU, Smooth)}
 
 __all__ = ["DEFAULT_RANK", "GLU", "RESIDUAL_READERS", "TRANSFORMS", "AbsorbSinks", "GatedNorm", "NormTransform",
-           "PreAffine"]
+           "PreAffine", "Smooth"]

@@ -11,7 +11,8 @@ under (per-expert tensors such as Mixtral's `block_sparse_moe.experts.*.w2`, whe
 the dense MLP of a MoE model's dense layers). Every layer must hold each writer under one of its names.
 In every writer tensor the residual dimension is the output axis: axis -2 of a weight ((out, in) or
 (experts, out, in)), axis -1 of a bias. `mlp.activation_modules` names the modules whose `act_fn` is the MLP's
-activation (dense MLP, experts, shared expert).
+activation (dense MLP, experts, shared expert). `norm_readers` names, per norm role, the linear layers that read
+that norm's output (the smooth pass rescales their input columns).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Architecture:
     residual_writers: tuple[str, ...]
     mlp: dict = field(default_factory=dict)
     residual_writer_alternatives: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    norm_readers: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, data: dict) -> "Architecture":
@@ -60,6 +62,7 @@ class Architecture:
             residual_writer_alternatives={
                 k: tuple(v) for k, v in data.get("residual_writer_alternatives", {}).items()
             },
+            norm_readers={k: tuple(v) for k, v in data.get("norm_readers", {}).items()},
         )
 
     def num_layers(self, config: dict) -> int:

@@ -1,6 +1,7 @@
 """surgeon convert SRC OUT --transform gated-norm [--transform pre-affine] [--rank 16] [--dtype] [--verify]
     --transform absorb-sinks [--sinks auto | 507,1234] [--scale auto | N] [--scan scan.json] [--data TEXT]
-    --transform glu [--glu-alpha A]"""
+    --transform glu [--glu-alpha A]
+    --transform smooth --data TEXT [--smooth-alpha 0.5] [--smooth-tokens 8192]"""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from ..transforms import DEFAULT_RANK, RESIDUAL_READERS, TRANSFORMS
 
 
 def add_parser(sub):
-    p = sub.add_parser("convert", help="insert GatedNorm / PreAffine, absorb residual sinks, anneal SwiGLU → GLU",
+    p = sub.add_parser("convert", help="insert GatedNorm / PreAffine, absorb residual sinks, anneal SwiGLU → GLU, "
+                                       "fold SmoothQuant scales",
                        description=__doc__)
     p.add_argument("source", help="source: a Hugging Face model directory, a .gguf file (dequantized first), a hub "
                                   "id in the local cache, or 'default' (SmolLM2-135M)")
@@ -36,8 +38,15 @@ def add_parser(sub):
                         "scale_pow2, which brings the dimension to the typical level")
     g.add_argument("--scan", default=None, help="scan.json of this model (from `surgeon scan`)")
     g.add_argument("--data", default=None,
-                   help="text to scan when there is no --scan: .txt, .jsonl, a folder of them, or `default`")
+                   help="text to scan when there is no --scan (absorb-sinks) and to calibrate smooth: .txt, .jsonl, "
+                        "a folder of them, or `default`")
     g.add_argument("--scan-tokens", type=int, default=8192, help="text tokens scanned with --data (default 8192)")
+    g = p.add_argument_group("smooth")
+    g.add_argument("--smooth-alpha", type=float, default=0.5,
+                   help="SmoothQuant's α: the share of each input channel's outlier moved into the weights "
+                        "(default %(default)s)")
+    g.add_argument("--smooth-tokens", type=int, default=8192,
+                   help="calibration tokens of --data (default %(default)s)")
     g = p.add_argument_group("glu")
     g.add_argument("--glu-alpha", type=float, default=0.0,
                    help="α of act_α = (1−α)·silu + α·σ: 0 (default) keeps the function for annealing in training; "
@@ -67,6 +76,8 @@ def build_transforms(args) -> list:
         if name == "absorb-sinks":
             built.append(cls(sinks=args.sinks, scale=args.scale, scan=args.scan, data=args.data,
                              scan_tokens=args.scan_tokens, progress=True))
+        elif name == "smooth":
+            built.append(cls(data=args.data, alpha=args.smooth_alpha, tokens=args.smooth_tokens))
         elif name == "glu":
             built.append(cls(alpha=args.glu_alpha))
         else:

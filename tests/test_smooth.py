@@ -1,0 +1,152 @@
+"""The smooth pass (transforms/smooth.py): SmoothQuant folded into the weights with power-of-two scales.
+
+Invariant: logits identical (torch.equal) on every dense family, alone and after gated-norm (with a gate that is
+no longer the identity); every rewritten tensor is the source's scaled per channel by one power of two, the
+writer divided and its readers multiplied by the same s; the readers' inputs lose their planted outlier."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny import FAMILIES, MOE_FAMILIES, input_ids, logits, make_tiny, write_words
+from transformers import AutoModelForCausalLM
+
+from surgeon.cli import main
+from surgeon.convert import convert
+from surgeon.errors import SurgeonError
+from surgeon.io import Checkpoint
+from surgeon.transforms import GatedNorm, Smooth
+
+OUTLIER, FACTOR = 7, 64.0
+
+
+def tensors(path) -> dict[str, torch.Tensor]:
+    ckpt = Checkpoint(path)
+    return {name: ckpt.get(name) for name in ckpt.tensors}
+
+
+def plant_channel_outlier(path):
+    """Every pre-attention and pre-MLP norm weight × FACTOR at channel OUTLIER: a per-channel outlier in the norm
+    outputs across all tokens, what SmoothQuant exists to move."""
+    (shard,) = path.glob("*.safetensors")
+    state = load_file(shard)
+    for name, t in state.items():
+        if name.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")):
+            t[OUTLIER] *= FACTOR
+    save_file(state, shard, metadata={"format": "pt"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_words(tmp_path_factory.mktemp("text") / "words.txt", 200)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smooth-sources")
+    return {f: plant_channel_outlier(make_tiny(root / f, f)) for f in FAMILIES}
+
+
+@torch.no_grad()
+def outlier_over_median(path, module: str) -> float:
+    """max |x_OUTLIER| over the median channel's max |x|, for the input of `module`."""
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    seen = []
+    handle = model.get_submodule(module).register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    model(input_ids=input_ids())
+    handle.remove()
+    amax = seen[0].float().abs().flatten(0, -2).amax(0)
+    return float(amax[OUTLIER] / amax.median())
+
+
+def channel_scales(before: torch.Tensor, after: torch.Tensor, axis: int) -> torch.Tensor:
+    """The per-channel factor after/before along `axis`, asserted to be one exact power of two per channel."""
+    moved = after.movedim(axis, 0).reshape(after.shape[axis], -1)
+    orig = before.movedim(axis, 0).reshape(before.shape[axis], -1)
+    ratio = moved[:, :1] / orig[:, :1]
+    assert torch.equal(moved, orig * ratio), "not one factor per channel"
+    assert torch.equal(torch.exp2(torch.log2(ratio).round()), ratio), "not a power of two"
+    return ratio.flatten()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_function_preserved_and_weights_scaled_exactly(sources, corpus, tmp_path, family):
+    src, out = sources[family], tmp_path / "out"
+    convert(src, out, [Smooth(data=corpus, tokens=512, seq_len=32)], show_progress=False)
+    assert torch.equal(logits(src), logits(out))
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == family  # weights only: a stock model
+    assert config["surgeon"]["smooth"]["points"] == 3 * 2
+    before, after = tensors(src), tensors(out)
+    for i in range(2):
+        p = f"model.layers.{i}."
+        for norm, readers in (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                              ("post_attention_layernorm", ("mlp.gate_proj",))):
+            s = 1 / channel_scales(before[p + norm + ".weight"], after[p + norm + ".weight"], 0)
+            assert s[OUTLIER] > 1 and s[OUTLIER] == s.max()  # the planted channel is divided most
+            for r in readers:
+                assert torch.equal(channel_scales(before[p + r + ".weight"], after[p + r + ".weight"], 1), s)
+        # up_proj reads the pre-MLP norm (columns × s) and writes down_proj's input (rows / s_down)
+        s_down = channel_scales(after[p + "mlp.up_proj.weight"] / s, before[p + "mlp.up_proj.weight"], 0)
+        assert torch.equal(after[p + "mlp.up_proj.weight"], before[p + "mlp.up_proj.weight"] * s / s_down[:, None])
+        assert torch.equal(channel_scales(before[p + "mlp.down_proj.weight"], after[p + "mlp.down_proj.weight"], 1),
+                           s_down)
+        untouched = [n for n in before if "o_proj" in n or "embed" in n or n == "model.norm.weight"]
+        assert all(torch.equal(before[n], after[n]) for n in untouched)
+    for module in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.gate_proj"):
+        # α = ½ takes about half the outlier's log-magnitude into the weights: 64× → about 8×
+        assert outlier_over_median(out, module) < outlier_over_median(src, module) / 4
+
+
+def test_after_a_trained_gate(sources, corpus, tmp_path):
+    """A GatedNorm whose gate is not the identity any more: gate_down's columns must be scaled with the readers."""
+    gated = tmp_path / "gated"
+    convert(sources["llama"], gated, [GatedNorm(rank=4)], show_progress=False)
+    (shard,) = gated.glob("*.safetensors")
+    state = load_file(shard)
+    g = torch.Generator().manual_seed(0)
+    for name, t in state.items():
+        if name.endswith("gate_up.weight"):
+            t.copy_(torch.randn(t.shape, generator=g))
+    save_file(state, shard, metadata={"format": "pt"})
+    out = tmp_path / "out"
+    convert(gated, out, [Smooth(data=corpus, tokens=512, seq_len=32)], verify=True, show_progress=False)
+    assert torch.equal(logits(gated), logits(out))
+    before, after = tensors(gated), tensors(out)
+    name = "model.layers.0.input_layernorm."
+    s = 1 / channel_scales(before[name + "weight"], after[name + "weight"], 0)
+    assert torch.equal(channel_scales(before[name + "gate_down.weight"], after[name + "gate_down.weight"], 1), s)
+    assert json.loads((out / "config.json").read_text())["surgeon"]["transforms"] == ["gated-norm", "smooth"]
+
+
+def test_cli_with_gated_norm_and_verify(sources, corpus, tmp_path):
+    out = tmp_path / "out"
+    assert main(["convert", str(sources["qwen2"]), str(out), "-t", "gated-norm", "-t", "smooth", "--data",
+                 str(corpus), "--smooth-alpha", "0.6", "--smooth-tokens", "256", "--verify"]) == 0
+    block = json.loads((out / "config.json").read_text())["surgeon"]["smooth"]
+    assert block["alpha"] == 0.6 and block["calibration_tokens"] == 256
+    assert torch.allclose(logits(sources["qwen2"]), logits(out), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_refused(corpus, tmp_path, family):
+    src = make_tiny(tmp_path / "src", family)
+    with pytest.raises(SurgeonError, match=f"smooth does not support {family}"):
+        convert(src, tmp_path / "out", [Smooth(data=corpus)], show_progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_errors(sources, corpus, tmp_path):
+    with pytest.raises(SurgeonError, match="needs calibration text"):
+        Smooth()
+    with pytest.raises(SurgeonError, match="alpha must be in"):
+        Smooth(data=corpus, alpha=1.5)
+    once = tmp_path / "once"
+    convert(sources["llama"], once, [Smooth(data=corpus, tokens=256, seq_len=32)], show_progress=False)
+    with pytest.raises(SurgeonError, match="already smoothed"):
+        convert(once, tmp_path / "twice", [Smooth(data=corpus)], show_progress=False)
+    assert not (tmp_path / "twice").exists()

@@ -1,0 +1,164 @@
+"""Smooth (SmoothQuant folded into the weights, Xiao et al. 2023): move the per-channel outliers of the linear
+layers' inputs into their weights, where W4's groups of 32 take them far better than A4's one scale per token.
+
+For each smoothing point, a calibration pass gives, per input channel j, the largest |x_j| over the calibration
+tokens (a_j) and over the point's readers' weights the largest |W_:,j| (w_j); then
+
+    s_j = 2^round(log2(a_j^α / w_j^(1−α)))          (SmoothQuant's balance, rounded to a power of two)
+
+and the point's writer divides channel j by s_j while every reader multiplies column j by s_j:
+
+    norm → readers    γ[j] ← γ[j] / s_j of the norm (pre-attention, pre-MLP); column j of q/k/v, resp. gate/up,
+                      ← · s_j; where the norm carries a GatedNorm, column j of its `gate_down` ← · s_j too, so the
+                      gate reads W_down · y exactly as before (its output multiplies y / s, which the readers
+                      scale back)
+    up → down         row j of `mlp.up` (and its bias) ← / s_j; column j of `mlp.down` ← · s_j: the MLP's
+                      activation is applied to the gate branch, so act(gate) ⊙ (up / s) is the hidden state / s
+
+The function is unchanged: each reader computes Σ_j (W_:,j · s_j)(x_j / s_j). Bit-exact, because a power of two
+only moves the exponent (as in absorb-sinks); every rewritten tensor is checked and a scale that is not exact in
+the storage dtype is refused. PreAffine (before the norm's RMS) is untouched; the final norm feeds only the LM
+head, which W4A4 leaves in full precision, so it is left alone; o_proj's input (attention output) is left alone
+too: the measured damage there is small and a scale would have to be shared across the query heads of a KV
+group.
+
+Calibration: the model as it is before this pass equals the source model (every earlier pass preserves the
+function), so the source is run on `data` (`tokens` text tokens, windows of `seq_len`) with a forward pre-hook on
+each reader. Architecture data: `norm_readers` (per norm role, the linears reading its output) and `mlp.up` /
+`mlp.down`; a family without them (the MoE families, whose experts are fused parameters) is refused.
+
+Invariant (tests/test_smooth.py): logits identical (torch.equal); the rewritten tensors are exactly the source's
+scaled by a power of two per channel; a reader's inputs' max/RMS falls.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from surgeon.errors import SurgeonError
+from surgeon.plan import Plan
+from surgeon.quant import SMOOTH_ALPHA, balance_scales, input_channel_amax
+
+POINTS = ("pre_attention", "pre_mlp")
+
+
+def power_of_two(s: torch.Tensor) -> torch.Tensor:
+    return torch.exp2(torch.log2(s).round())
+
+
+def _scaled(t: torch.Tensor, axis: int, s: torch.Tensor, *, multiply: bool, name: str) -> torch.Tensor:
+    """`t` with index j of `axis` multiplied (or divided) by s_j, refused unless exactly invertible."""
+    shape = [1] * t.dim()
+    shape[axis] = -1
+    factor = s.to(t.dtype).reshape(shape)
+    out = t * factor if multiply else t / factor
+    back = out / factor if multiply else out * factor
+    if not bool(((back == t) | (back.isnan() & t.isnan())).all()):
+        raise SurgeonError(f"smoothing {name} is not exact in {str(t.dtype).removeprefix('torch.')} (values under- "
+                           f"or overflow): use a smaller --smooth-alpha or a wider --dtype; nothing was written")
+    return out
+
+
+@dataclass
+class Smooth:
+    """Fold SmoothQuant scales into the weights; see the module docstring. data: calibration text (required), a
+    spec as `surgeon.sources.resolve_text` takes (a file, folder, JSONL, `default`, or a list of them)."""
+
+    data: str | os.PathLike | list | None = None
+    alpha: float = SMOOTH_ALPHA
+    tokens: int = 8192
+    seq_len: int = 256
+    name = "smooth"
+    key = "smooth"
+    preserves_function = True
+    _scales: dict = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        balance_scales(torch.ones(1), torch.ones(1), self.alpha)  # a bad alpha fails before anything is read
+        if self.data is None or (isinstance(self.data, (list, tuple)) and not self.data):
+            raise SurgeonError("smooth needs calibration text: --data TEXT (.txt, .jsonl, a folder, or `default`)")
+        if self.tokens < 1:
+            raise SurgeonError(f"smooth needs at least one calibration token (got --smooth-tokens {self.tokens})")
+
+    # -- the plan: which tensors, scaled along which axis ----------------------------------------------
+
+    @staticmethod
+    def points(plan: Plan) -> list[dict]:
+        """Per layer and point: the writer tensors (divided, with the axis of the channel), the reader weights
+        (multiplied along their input axis), and the GatedNorm `gate_down` when the norm has one."""
+        arch = plan.arch
+        readers = arch.norm_readers
+        missing = [p for p in POINTS if p not in readers] + [k for k in ("up", "down") if k not in arch.mlp]
+        if missing:
+            raise SurgeonError(f"smooth does not support {arch.model_type}: its architecture data names no "
+                               f"{missing[0]} readers (norm_readers / mlp in surgeon/architectures/"
+                               f"{arch.model_type}.json); the MoE families' fused experts are not supported")
+        out = []
+        for i in range(arch.num_layers(plan.config)):
+            at = lambda pattern: pattern.replace("*", str(i))  # noqa: E731
+            for role in POINTS:
+                norm = at(arch.norm_pattern(role))
+                gate = f"{norm}.gate_down.weight"
+                out.append({"point": f"{norm}", "divide": [(f"{norm}.weight", -1)],
+                            "readers": [f"{at(r)}.weight" for r in readers[role]]
+                            + ([gate] if gate in plan.tensors else []),
+                            "quantized": [at(r) for r in readers[role]]})
+            up, down = at(arch.mlp["up"]), at(arch.mlp["down"])
+            divide = [(f"{up}.weight", -2)] + ([(f"{up}.bias", -1)] if f"{up}.bias" in plan.tensors else [])
+            out.append({"point": down, "divide": divide, "readers": [f"{down}.weight"], "quantized": [down]})
+        for point in out:
+            for name, _ in point["divide"]:
+                plan.require(name)
+            for name in point["readers"]:
+                plan.require(name)
+        return out
+
+    def calibrate(self, plan: Plan, points: list[dict]) -> dict[str, torch.Tensor]:
+        """{point: power-of-two s} from the source model's inputs on the calibration text."""
+        from surgeon.sources import iter_token_windows, load_model, resolve_text
+
+        paths = resolve_text(self.data)
+        model, tokenizer = load_model(plan.source.path)
+        try:
+            modules = dict(model.named_modules())
+            names = [n for point in points for n in point["quantized"]]
+            absent = [n for n in names if n not in modules]
+            if absent:
+                raise SurgeonError(f"the model has no module {absent[0]}, which the {plan.arch.model_type} "
+                                   "architecture data names as a norm reader")
+            windows = iter_token_windows(paths, tokenizer, self.seq_len, self.tokens, batch_size=4)
+            amax, _ = input_channel_amax(model, windows, [(n, modules[n]) for n in names])
+        finally:
+            del model
+        scales = {}
+        for point in points:
+            a = torch.stack([amax[n] for n in point["quantized"]]).amax(0)
+            # the weights as this plan has them (earlier passes may have rescaled rows, never these columns' role)
+            w = torch.stack([plan.tensors[f"{n}.weight"].produce().detach().abs().amax(0).float()
+                             for n in point["quantized"]]).amax(0)
+            scales[point["point"]] = power_of_two(balance_scales(a, w, self.alpha))
+        return scales
+
+    def apply(self, plan: Plan) -> None:
+        if self.key in plan.surgeon:
+            raise SurgeonError("the model is already smoothed; smoothing again would rebalance what was balanced: "
+                               "convert the original checkpoint instead")
+        points = self.points(plan)
+        scales = self.calibrate(plan, points)
+        for point in points:
+            s = scales[point["point"]]
+            for name, axis in point["divide"]:
+                plan.rewrite(name, lambda t, n=name, a=axis, s=s: _scaled(t, a, s, multiply=False, name=n))
+            for name in point["readers"]:
+                plan.rewrite(name, lambda t, n=name, s=s: _scaled(t, -1, s, multiply=True, name=n))
+        every = torch.cat([s.log2() for s in scales.values()])
+        plan.surgeon[self.key] = {
+            "alpha": self.alpha, "calibration_tokens": self.tokens, "points": len(points),
+            "targets": [plan.arch.norm_pattern(r) for r in POINTS] + [plan.arch.mlp["down"]],
+            "log2_scale_range": [int(every.min()), int(every.max())],
+        }
+        plan.surgeon.setdefault("transforms", []).append(self.name)
+        plan.applied.append(self.name)
