@@ -52,7 +52,8 @@ def test_pipeline_runs_end_to_end(tmp_path):
     assert result.verify["ok"] and result.verify["max_abs_diff"] == 0.0
     assert result.evals["converted"].perplexity["none"] == result.evals["source"].perplexity["none"]
     block = json.loads((converted / "config.json").read_text())["surgeon"]
-    assert block["transforms"] == ["gated-norm", "pre-affine", "absorb-sinks"]
+    assert block["transforms"] == ["gated-norm", "pre-affine", "absorb-sinks", "smooth"]
+    assert block["smooth"]["alpha"] == 0.8
     assert [s["dim"] for s in block["absorb_sinks"]["sinks"]] == [7]
     info = describe(converted)
     assert [e["dim"] for e in info["absorbed_sinks"]] == [7] and info["gate_rank"] == 4
@@ -72,6 +73,7 @@ def test_pipeline_runs_end_to_end(tmp_path):
     report = (out / "report.md").read_text()
     assert "| | source | converted | trained |" in report and "evaluation windows come from the training" in report
     assert "| residual peak max" in report and "INT4 W4A4" in report and "dim 7 ÷" in report
+    assert "smoothed with α 0.8" in report and "The smooth pass then divides" in report
     assert "INT4 W4A4 +SQ" in report and set(result.evals["trained"].perplexity) == {
         "none", "nvfp4", "int4", "nvfp4+sq", "int4+sq"}
     assert "Trained ÷ source perplexity" in report and "![training loss](train/loss.png)" in report
