@@ -207,8 +207,15 @@ def _objectives_text(objectives: dict) -> str:
                      f"(max/RMS above {objectives['pressure_threshold']:g})")
     if objectives.get("qat"):
         share = objectives.get("qat_fraction", 1.0)
+        on = []
+        if objectives.get("qat_lm"):
+            on.append(f"LM ×{objectives['qat_lm']:g}")
+        if objectives.get("qat_distill"):
+            on.append(f"KL to its own full-precision prediction ×{objectives['qat_distill']:g}")
         parts.append(f"{objectives['qat'].upper()} W4A4 in the forward (straight-through)"
-                     + (f" on {share:.0%} of the micro-batches" if share < 1 else ""))
+                     + (f" on {share:.0%} of the micro-batches" if share < 1 else "")
+                     + (f", whose loss is {' + '.join(on) if on else 'nothing'}"
+                        if objectives.get("qat_lm") is not None or objectives.get("qat_distill") else ""))
     return ", ".join(parts)
 
 

@@ -240,6 +240,47 @@ def test_qat_fraction_quantizes_that_share_of_micro_batches(paths, fraction, gra
     assert seen == expected
 
 
+def kl_quantized_to_fp(model, batch) -> float:
+    with torch.no_grad():
+        fp = model(input_ids=batch).logits
+        with fake_quantized(model, "int4"):
+            q = model(input_ids=batch).logits
+    q, fp = q.flatten(0, 1), fp.flatten(0, 1)  # mean over positions
+    return float(torch.nn.functional.kl_div(q.log_softmax(-1), fp.log_softmax(-1), log_target=True,
+                                            reduction="batchmean"))
+
+
+def test_qat_distill_pulls_the_quantized_forward_to_the_full_precision_one(paths):
+    """qat_distill = KL(own fp ‖ quantized) on quantized micro-batches only, and training on it alone (qat_lm 0)
+    shrinks that gap; full-precision micro-batches keep the plain LM loss."""
+    model = load(paths["gated"]).train()
+    batch = ids(batch=4, length=32)
+    before = kl_quantized_to_fp(model, batch)
+    objectives = Objectives(ObjectiveConfig(qat="int4", qat_fraction=0.5, qat_lm=0.0, qat_distill=1.0), model)
+    with torch.no_grad(), objectives.step_context(0, 8, micro=0, micro_per_step=2):  # full precision
+        _, terms = objectives.loss(batch, model(input_ids=batch))
+    assert "qat_distill" not in terms and terms["total"] == terms["lm"]
+    with torch.no_grad(), objectives.step_context(0, 8, micro=1, micro_per_step=2):  # quantized
+        _, terms = objectives.loss(batch, model(input_ids=batch))
+    assert terms["total"] == pytest.approx(terms["qat_distill"]) and terms["qat_distill"] == pytest.approx(before,
+                                                                                                          rel=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(8):
+        with objectives.step_context(step, 8, micro=1, micro_per_step=2):
+            loss, _ = objectives.loss(batch, model(input_ids=batch))
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert all("forward" not in layer.__dict__ for _, layer in quantized_linears(model))
+    assert kl_quantized_to_fp(model.eval(), batch) < 0.5 * before
+
+
+@pytest.mark.parametrize("settings", [{"qat_distill": 1.0}, {"qat_lm": 0.5}, {"qat": "int4", "qat_distill": -1}])
+def test_qat_loss_settings_need_qat(settings):
+    with pytest.raises(SurgeonError, match="qat"):
+        ObjectiveConfig(**settings)
+
+
 def test_qat_gradient_is_straight_through():
     """For one linear layer: dL/dW = gᵀ·q(x) and dL/dx = g·q(W) (the gradient at the quantized point)."""
     from surgeon.quant import quantize_activation, quantize_weight

@@ -1,7 +1,8 @@
 """Training objectives for continued pretraining (DESIGN §7): what the loss is made of, and the hooks one forward
 needs to compute it.
 
-    total = lm · LM + distill · KD + pressure · P      (QAT and the GLU α schedule change the forward, not the sum)
+    total = lm · LM + distill · KD + pressure · P      (QAT and the GLU α schedule change the forward, not the sum;
+                                                     a quantized micro-batch: qat_lm · LM + qat_distill · KD_self)
 
 LM        next-token cross-entropy, mean over the predicted tokens (positions 1.. of each window).
 KD        self-distillation: KL(teacher ‖ student) of the next-token distributions at temperature T, × T², mean over
@@ -33,6 +34,11 @@ QAT       `qat` = "int4" | "nvfp4": while the step context is open, every quanti
           quantizer (micro-batch g, counted over the run, when ⌊(g+1)·f⌋ > ⌊g·f⌋; f = ½ with grad_accum 2 is one
           quantized and one full-precision micro-batch per step): training through the quantizer alone drifts the
           full-precision model (EXPERIMENTS.md), the mix keeps both forwards good at the cost of neither.
+          On the quantized micro-batches `qat_lm` (default: `lm`) replaces the LM weight, and `qat_distill` adds
+          KL(the same model's full-precision prediction ‖ the quantized one), T = 1, the target computed under
+          no_grad on the same batch with the quantizer lifted (one extra forward): the quantized forward learns to
+          match the full-precision one instead of (or besides) the text, which pulls the shared weights less far
+          from what the full-precision micro-batches want.
 GLU α     `glu_alpha_steps` = [start, end]: α = clamp((step − start) / (end − start), 0, 1), set by set_glu_alpha
           (buffers and config) on entering the step context.
 
@@ -80,6 +86,8 @@ class ObjectiveConfig:
     pressure_temperature: float = 1.0
     qat: str | None = None
     qat_fraction: float = 1.0
+    qat_lm: float | None = None
+    qat_distill: float = 0.0
     glu_alpha_steps: tuple[int, int] | None = None
 
     def __init__(self, **settings):
@@ -93,8 +101,11 @@ class ObjectiveConfig:
         self._validate()
 
     def _validate(self) -> None:
-        for key in ("lm", "distill", "distill_temperature", "pressure", "pressure_threshold", "pressure_temperature"):
+        for key in ("lm", "distill", "distill_temperature", "pressure", "pressure_threshold", "pressure_temperature",
+                    "qat_lm", "qat_distill"):
             value = getattr(self, key)
+            if key == "qat_lm" and value is None:
+                continue
             if isinstance(value, bool):
                 raise SurgeonError(f"objective setting {key} must be a number, got {value!r}")
             try:
@@ -110,8 +121,9 @@ class ObjectiveConfig:
         self.qat_fraction = float(self.qat_fraction)
         if self.distill_temperature <= 0:
             raise SurgeonError(f"objective setting distill_temperature must be > 0, got {self.distill_temperature}")
-        if self.lm + self.distill + self.pressure == 0:
-            raise SurgeonError("objective settings lm, distill and pressure are all 0: nothing to train")
+        if self.lm + self.distill + self.pressure + self.qat_distill + (self.qat_lm or 0) == 0:
+            raise SurgeonError("objective settings lm, distill, pressure, qat_lm and qat_distill are all 0: "
+                               "nothing to train")
         on = (self.pressure_on,) if isinstance(self.pressure_on, str) else self.pressure_on
         try:
             on = tuple(dict.fromkeys(on))
@@ -127,6 +139,9 @@ class ObjectiveConfig:
             self.qat = None
         if self.qat not in QAT_FORMATS:
             raise SurgeonError(f"objective setting qat must be one of none, int4, nvfp4, got {self.qat!r}")
+        if self.qat is None and (self.qat_distill > 0 or self.qat_lm is not None):
+            raise SurgeonError("objective settings qat_lm and qat_distill weigh the quantized micro-batches' loss: "
+                               "set qat (int4 or nvfp4) too")
         steps = self.glu_alpha_steps
         if steps is not None:
             ok = (isinstance(steps, (list, tuple)) and len(steps) == 2
@@ -291,6 +306,7 @@ class Objectives:
                                    "(convert it with --transform glu)")
         self._reset_step()
         self._active = False
+        self._quantizing: list[nn.Linear] = []  # the layers running through the quantizer in this context
 
     @property
     def needs_teacher(self) -> bool:
@@ -371,6 +387,7 @@ class Objectives:
                                            f"cannot train it through the quantizer")
                     layer.forward = _qat_forward(layer, self.cfg.qat)
                     patched.append(layer)
+            self._quantizing = patched
             yield self
             if (patched or self._pressure_on("linear_inputs")) and self._pending_backward \
                     and _checkpointing(self.model):
@@ -384,6 +401,7 @@ class Objectives:
                     del layer.forward
             self._reset_step()
             self._active = False
+            self._quantizing = []
 
     def quantizes(self, micro_batch: int) -> bool:
         """Whether micro-batch `micro_batch` (counted over the run) runs through the QAT quantizer."""
@@ -405,8 +423,15 @@ class Objectives:
         labels = F.pad(ids[:, 1:], (0, 1), value=-100)
         lm = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         terms["lm"] = lm.item()
-        if cfg.lm > 0:
-            total = total + cfg.lm * lm
+        quantized = bool(self._quantizing)
+        lm_weight = cfg.qat_lm if quantized and cfg.qat_lm is not None else cfg.lm
+        if lm_weight > 0:
+            total = total + lm_weight * lm
+
+        if quantized and cfg.qat_distill > 0:
+            kd = self._self_distill(ids, logits)
+            terms["qat_distill"] = kd.item()
+            total = total + cfg.qat_distill * kd
 
         if cfg.distill > 0:
             kd = self._distill(ids, logits)
@@ -434,13 +459,24 @@ class Objectives:
         return grad
 
     def _distill(self, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        T = self.cfg.distill_temperature
         with torch.no_grad():
             teacher_logits = self.teacher(input_ids=ids.to(_device(self.teacher))).logits.to(logits.device)
-        vocab = min(logits.shape[-1], teacher_logits.shape[-1])  # padded vocabularies: compare the shared part
-        log_p_s = F.log_softmax(logits[..., :vocab].float() / T, dim=-1).reshape(-1, vocab)
-        log_p_t = F.log_softmax(teacher_logits[..., :vocab].float() / T, dim=-1).reshape(-1, vocab)
-        return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * T * T
+        return _kl(logits, teacher_logits, self.cfg.distill_temperature)
+
+    def _self_distill(self, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """KL(the model's own full-precision prediction ‖ its quantized one) on the same batch: the full-precision
+        forward runs under no_grad with the quantizer lifted and the pressure statistics of the quantized forward
+        kept aside, so only the quantized forward gets the gradient."""
+        stats = (self._linear_stats, self._residual_stats, self._seen, self._collecting)
+        forwards = [(layer, layer.__dict__.pop("forward")) for layer in self._quantizing]
+        try:
+            with torch.no_grad():
+                target = self.model(input_ids=ids).logits
+        finally:
+            for layer, forward in forwards:
+                layer.forward = forward
+            self._linear_stats, self._residual_stats, self._seen, self._collecting = stats
+        return _kl(logits, target, 1.0)
 
     def _pressure(self, like: torch.Tensor) -> tuple[torch.Tensor, float]:
         t = self.cfg.pressure_threshold
@@ -460,6 +496,14 @@ class Objectives:
             raise SurgeonError("the pressure term saw no activation: run the model's forward inside step_context, "
                                "then loss() once for it")
         return total, ratios / n
+
+
+def _kl(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tensor:
+    """KL(teacher ‖ student) of the next-token distributions at temperature T, × T², mean over positions."""
+    vocab = min(student.shape[-1], teacher.shape[-1])  # padded vocabularies: compare the shared part
+    log_p_s = F.log_softmax(student[..., :vocab].float() / T, dim=-1).reshape(-1, vocab)
+    log_p_t = F.log_softmax(teacher[..., :vocab].float() / T, dim=-1).reshape(-1, vocab)
+    return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * T * T
 
 
 def _checkpointing(model: nn.Module) -> bool:
