@@ -199,6 +199,10 @@ def write_manifest(out: Path, report: ConvertReport, config: dict) -> None:
     if "absorb_sinks" in block:
         sinks = ", ".join(f"{s['dim']} (÷{s['scale']})" for s in block["absorb_sinks"]["sinks"])
         lines.append(f"| absorbed residual sinks | {sinks} |")
+    if "smooth" in block:
+        low, high = block["smooth"]["log2_scale_range"]
+        lines.append(f"| smoothed (SmoothQuant folded in), α | {block['smooth']['alpha']:g}: "
+                     f"{block['smooth']['points']} points, scales 2^{low}…2^{high} |")
     if "glu" in block:
         lines.append(f"| SwiGLU → GLU, α | {block['glu']['alpha']:g} |")
     if report.verify:

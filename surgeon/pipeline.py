@@ -1,7 +1,7 @@
 """The main job, stage by stage: scan the source → convert (GatedNorm, PreAffine, the scanned residual sinks
-absorbed into PreAffine, SmoothQuant scales folded into the weights; verified) → scan the result → continued pretraining with the tuned recipe →
-export → scan and evaluate the export → a markdown report with the tables and plots, source, converted and
-trained side by side (perplexity, NVFP4 and INT4 W4A4).
+absorbed into PreAffine, SmoothQuant scales folded into the weights; verified) → scan the result → continued
+pretraining with the tuned recipe → export → scan and evaluate the export → a markdown report with the tables
+and plots, source, converted and trained side by side (perplexity, NVFP4 and INT4 W4A4).
 
 Every stage is a library call that also runs alone from the CLI (scan, convert, train, export, eval); this
 module only sequences them and writes the report. The run directory is staged and renamed into place at the end,
@@ -44,7 +44,7 @@ class PipelineConfig:
     model: str = "default"
     data: str = "default"
     rank: int = 16
-    smooth_alpha: float | None = SMOOTH_PASS_ALPHA  # the smooth pass's α, calibrated on the training text; None: no pass
+    smooth_alpha: float | None = SMOOTH_PASS_ALPHA  # α of the smooth pass (on the training text); None: no pass
     scan_tokens: int = 4096
     seq_len: int = 256
     eval_windows: int = 8

@@ -123,13 +123,17 @@ def test_after_a_trained_gate(sources, corpus, tmp_path):
     assert json.loads((out / "config.json").read_text())["surgeon"]["transforms"] == ["gated-norm", "smooth"]
 
 
-def test_cli_with_gated_norm_and_verify(sources, corpus, tmp_path):
+def test_cli_with_gated_norm_and_verify(sources, corpus, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["convert", str(sources["qwen2"]), str(out), "-t", "gated-norm", "-t", "smooth", "--data",
                  str(corpus), "--smooth-alpha", "0.6", "--smooth-tokens", "256", "--verify"]) == 0
     block = json.loads((out / "config.json").read_text())["surgeon"]["smooth"]
     assert block["alpha"] == 0.6 and block["calibration_tokens"] == 256
     assert torch.allclose(logits(sources["qwen2"]), logits(out), rtol=0, atol=1e-5)
+    assert "smoothed (SmoothQuant folded in), α | 0.6: 6 points" in (out / "README.md").read_text()
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["smooth"]["points"] == 6
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)

@@ -40,8 +40,10 @@ def describe(path) -> dict:
         "tied_embeddings": arch.tied(config), "has_lm_head": arch.lm_head in ckpt, "norms": norms,
         "transforms": block.get("transforms", []),
         "gate_rank": (block.get("gated_norm") or {}).get("rank"),
-        "absorbed_sinks": [{"dim": e["dim"], "scale": e["scale"]} for e in (block.get("absorb_sinks") or {}).get("sinks", [])],
+        "absorbed_sinks": [{"dim": e["dim"], "scale": e["scale"]}
+                           for e in (block.get("absorb_sinks") or {}).get("sinks", [])],
         "glu_alpha": (block.get("glu") or {}).get("alpha"),
+        "smooth": block.get("smooth"),
         "source_sha256": block.get("source_sha256"),
     }
 
@@ -66,6 +68,11 @@ def run(args) -> int:
                   + (f" (gate rank {info['gate_rank']})" if info["gate_rank"] else ""))
     if info["absorbed_sinks"]:
         table.add_row("absorbed sinks", ", ".join(f"dim {e['dim']} ÷{e['scale']:g}" for e in info["absorbed_sinks"]))
+    if info["smooth"]:
+        sm = info["smooth"]
+        low, high = sm["log2_scale_range"]
+        table.add_row("smoothed", f"α {sm['alpha']:g}, {sm['points']} points, scales 2^{low}…2^{high} "
+                                  f"({sm['calibration_tokens']:,} calibration tokens)")
     if info["glu_alpha"] is not None:
         table.add_row("GLU α", f"{info['glu_alpha']:g} (0 = SwiGLU, 1 = GLU)")
     Console().print(table)
