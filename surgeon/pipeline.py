@@ -126,7 +126,7 @@ def run(cfg: PipelineConfig, out: str | Path, *, force: bool = False) -> Pipelin
         if result.scans["source"].sinks:
             passes.append(AbsorbSinks(scan=tmp / "scan-source" / "scan.json"))
         if cfg.smooth_alpha is not None:  # calibrated on the training text: the evaluation text stays unseen
-            passes.append(Smooth(data=train_paths, alpha=cfg.smooth_alpha, seq_len=cfg.seq_len))
+            passes.append(Smooth(data=train_paths, alpha=cfg.smooth_alpha, seq_len=cfg.seq_len, progress=True))
         console.rule(f"[bold]2/{stages} convert[/] {' + '.join(p.name for p in passes)}, verified")
         converted = tmp / DIRS["converted"]
         report = convert(source, converted, passes, verify=True)

@@ -43,6 +43,13 @@ from surgeon.plan import Plan
 from surgeon.quant import SMOOTH_ALPHA, balance_scales, input_channel_amax
 
 POINTS = ("pre_attention", "pre_mlp")
+CALIBRATION_BATCH = 4
+
+
+def _advancing(batches, advance):
+    for batch in batches:
+        yield batch
+        advance(1)
 
 
 def power_of_two(s: torch.Tensor) -> torch.Tensor:
@@ -71,6 +78,7 @@ class Smooth:
     alpha: float = SMOOTH_ALPHA
     tokens: int = 8192
     seq_len: int = 256
+    progress: bool = False
     name = "smooth"
     key = "smooth"
     preserves_function = True
@@ -118,6 +126,7 @@ class Smooth:
 
     def calibrate(self, plan: Plan, points: list[dict]) -> dict[str, torch.Tensor]:
         """{point: power-of-two s} from the source model's inputs on the calibration text."""
+        from surgeon.progress import progress_bar
         from surgeon.sources import iter_token_windows, load_model, resolve_text
 
         paths = resolve_text(self.data)
@@ -129,8 +138,10 @@ class Smooth:
             if absent:
                 raise SurgeonError(f"the model has no module {absent[0]}, which the {plan.arch.model_type} "
                                    "architecture data names as a norm reader")
-            windows = iter_token_windows(paths, tokenizer, self.seq_len, self.tokens, batch_size=4)
-            amax, _ = input_channel_amax(model, windows, [(n, modules[n]) for n in names])
+            windows = iter_token_windows(paths, tokenizer, self.seq_len, self.tokens, batch_size=CALIBRATION_BATCH)
+            batches = -(-max(1, self.tokens // self.seq_len) // CALIBRATION_BATCH)
+            with progress_bar("smooth: calibrating", batches, enabled=self.progress) as advance:
+                amax, _ = input_channel_amax(model, _advancing(windows, advance), [(n, modules[n]) for n in names])
         finally:
             del model
         scales = {}

@@ -77,7 +77,7 @@ def build_transforms(args) -> list:
             built.append(cls(sinks=args.sinks, scale=args.scale, scan=args.scan, data=args.data,
                              scan_tokens=args.scan_tokens, progress=True))
         elif name == "smooth":
-            built.append(cls(data=args.data, alpha=args.smooth_alpha, tokens=args.smooth_tokens))
+            built.append(cls(data=args.data, alpha=args.smooth_alpha, tokens=args.smooth_tokens, progress=True))
         elif name == "glu":
             built.append(cls(alpha=args.glu_alpha))
         else:
