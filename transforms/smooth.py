@@ -34,7 +34,7 @@ scaled by a power of two per channel; a reader's inputs' max/RMS falls.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -82,7 +82,6 @@ class Smooth:
     name = "smooth"
     key = "smooth"
     preserves_function = True
-    _scales: dict = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         balance_scales(torch.ones(1), torch.ones(1), self.alpha)  # a bad alpha fails before anything is read
