@@ -258,10 +258,12 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
         lines.append(f"| {label} | " + " | ".join(get(r) for r in scans) + " |")
     if result.training and result.training.get("heldout_last"):
         first, last = result.training["heldout_first"], result.training["heldout_last"]
+        # the training measures the converted model (step 0) and the trained one; the source has the converted
+        # model's linear inputs only when no pass changed them (smooth does)
+        same = "smooth" not in conversion.transforms
+        figure = "{0[linear_input_max_rms]:.1f} ({0[linear_input_max_rms_worst]:.1f})".format
         lines.append(f"| linear-input max/RMS, mean (worst) — training's held-out | "
-                     f"{first['linear_input_max_rms']:.1f} ({first['linear_input_max_rms_worst']:.1f}) | "
-                     f"{first['linear_input_max_rms']:.1f} ({first['linear_input_max_rms_worst']:.1f}) | "
-                     f"{last['linear_input_max_rms']:.1f} ({last['linear_input_max_rms_worst']:.1f}) |")
+                     f"{figure(first) if same else '–'} | {figure(first)} | {figure(last)} |")
     columns = [f for f in next(iter(result.evals.values())).perplexity if f != "none"]
     smoothed = any(f.endswith("+sq") for f in columns)
     lines += ["", "## Perplexity and W4A4", "",

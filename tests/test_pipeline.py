@@ -74,6 +74,7 @@ def test_pipeline_runs_end_to_end(tmp_path):
     assert "| | source | converted | trained |" in report and "evaluation windows come from the training" in report
     assert "| residual peak max" in report and "INT4 W4A4" in report and "dim 7 ÷" in report
     assert "smoothed with α 0.8" in report and "The smooth pass then divides" in report
+    assert "| linear-input max/RMS, mean (worst) — training's held-out | – |" in report  # smooth changed them
     assert "INT4 W4A4 +SQ" in report and set(result.evals["trained"].perplexity) == {
         "none", "nvfp4", "int4", "nvfp4+sq", "int4+sq"}
     assert "Trained ÷ source perplexity" in report and "![training loss](train/loss.png)" in report
