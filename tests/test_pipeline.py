@@ -112,3 +112,13 @@ def test_final_path_names_the_destination_of_staged_directories():
     staged = Path("/r/.smollm2.hpx086hb.surgeon-tmp/.model-trained.x1y2.surgeon-tmp/config.json")
     assert final_path(staged) == Path("/r/smollm2/model-trained/config.json")
     assert final_path(Path("/r/.hidden/a.b.c/x")) == Path("/r/.hidden/a.b.c/x")  # not a staging name
+
+
+def test_smooth_flags_reach_the_config(monkeypatch, tmp_path):
+    import surgeon.pipeline as pipeline
+
+    seen = []
+    monkeypatch.setattr(pipeline, "run", lambda cfg, out, force=False: seen.append(cfg))
+    base = ["pipeline", "--out", str(tmp_path / "run")]
+    assert main(base) == 0 and main([*base, "--smooth-alpha", "0.6"]) == 0 and main([*base, "--no-smooth"]) == 0
+    assert [cfg.smooth_alpha for cfg in seen] == [0.8, 0.6, None]
