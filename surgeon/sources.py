@@ -95,8 +95,6 @@ def resolve_model(spec: str | os.PathLike, *, trust_remote_code: bool = False) -
     GGUF files are imported once into the cache (fp32) and the cached directory is returned afterwards.
     `trust_remote_code` is only passed on to transformers when the caller asks for it.
     """
-    if isinstance(spec, (list, tuple)):
-        return [path for one in spec for path in resolve_text(one)]
     text = os.fspath(spec)
     if text == "default" and not Path(text).exists():
         return _cached_gguf_import(default_model_file(), trust_remote_code=trust_remote_code)

@@ -45,7 +45,6 @@ from .recipe import Recipe, load_recipe
 from .rundir import CHECKPOINTS, METRICS, RUN_JSON
 
 
-
 @dataclass
 class Run:
     """What a finished (or stopped) train() call leaves: where, how far, and the logged records of this call."""
