@@ -118,10 +118,14 @@ SMOOTH_ALPHA = 0.5
 SMOOTH_FLOOR = 1e-5
 
 
-def balance_scales(act_amax: torch.Tensor, weight_amax: torch.Tensor, alpha: float = SMOOTH_ALPHA) -> torch.Tensor:
-    """SmoothQuant's per-channel s = max|X_j|^α / max|W_:,j|^(1−α), both maxima floored (no division by 0)."""
+def check_alpha(alpha: float) -> None:
     if not 0 <= alpha <= 1:
         raise SurgeonError(f"SmoothQuant alpha must be in [0, 1], got {alpha}")
+
+
+def balance_scales(act_amax: torch.Tensor, weight_amax: torch.Tensor, alpha: float = SMOOTH_ALPHA) -> torch.Tensor:
+    """SmoothQuant's per-channel s = max|X_j|^α / max|W_:,j|^(1−α), both maxima floored (no division by 0)."""
+    check_alpha(alpha)
     a = act_amax.float().clamp(min=SMOOTH_FLOOR).pow(alpha)
     return (a / weight_amax.float().clamp(min=SMOOTH_FLOOR).pow(1 - alpha)).clamp(min=SMOOTH_FLOOR)
 
@@ -164,7 +168,7 @@ def smoothquant_scales(model: nn.Module, windows, alpha: float = SMOOTH_ALPHA,
                        skip: tuple[str, ...] = DEFAULT_SKIP) -> dict[str, torch.Tensor]:
     """{linear layer name: s (in_features,)} from the activations of `windows` (batches of token ids); layers
     whose forward reads the tensor the previous one read share s (see the module docstring)."""
-    balance_scales(torch.ones(1), torch.ones(1), alpha)  # refuse a bad alpha before the calibration forward
+    check_alpha(alpha)  # before the calibration forward
     layers = quantized_linears(model, skip)
     amax, group_of = input_channel_amax(model, windows, layers)
     scales = {}

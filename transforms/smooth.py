@@ -40,7 +40,7 @@ import torch
 
 from surgeon.errors import SurgeonError
 from surgeon.plan import Plan
-from surgeon.quant import SMOOTH_ALPHA, balance_scales, input_channel_amax
+from surgeon.quant import SMOOTH_ALPHA, balance_scales, check_alpha, input_channel_amax
 
 POINTS = ("pre_attention", "pre_mlp")
 CALIBRATION_BATCH = 4
@@ -84,7 +84,7 @@ class Smooth:
     preserves_function = True
 
     def __post_init__(self):
-        balance_scales(torch.ones(1), torch.ones(1), self.alpha)  # a bad alpha fails before anything is read
+        check_alpha(self.alpha)  # a bad alpha fails before anything is read
         if self.data is None or (isinstance(self.data, (list, tuple)) and not self.data):
             raise SurgeonError("smooth needs calibration text: --data TEXT (.txt, .jsonl, a folder, or `default`)")
         if self.tokens < 1:
@@ -109,7 +109,7 @@ class Smooth:
             for role in POINTS:
                 norm = at(arch.norm_pattern(role))
                 gate = f"{norm}.gate_down.weight"
-                out.append({"point": f"{norm}", "divide": [(f"{norm}.weight", -1)],
+                out.append({"point": norm, "divide": [(f"{norm}.weight", -1)],
                             "readers": [f"{at(r)}.weight" for r in readers[role]]
                             + ([gate] if gate in plan.tensors else []),
                             "quantized": [at(r) for r in readers[role]]})
