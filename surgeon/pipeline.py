@@ -172,8 +172,7 @@ def _training_summary(run_dir: Path, steps: int, seconds: float) -> dict:
             "heldout_first": evals[0]["eval"] if evals else None, "heldout_last": evals[-1]["eval"] if evals else None}
 
 
-def _absorbed(conversion) -> str:
-    block = json.loads((conversion.output / "config.json").read_text()).get("surgeon", {})
+def _absorbed(block: dict) -> str:
     sinks = (block.get("absorb_sinks") or {}).get("sinks") or []
     if not sinks:
         return ""
@@ -181,8 +180,8 @@ def _absorbed(conversion) -> str:
     return "; absorbed " + ", ".join(f"dim {s['dim']} ÷{s['scale']:g}" for s in sinks) + untied
 
 
-def _smoothed(conversion) -> str:
-    block = (json.loads((conversion.output / "config.json").read_text()).get("surgeon", {})).get("smooth")
+def _smoothed(block: dict) -> str:
+    block = block.get("smooth")
     if not block:
         return ""
     low, high = block["log2_scale_range"]
@@ -223,11 +222,13 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
     labels = [label for label in LABELS if label in result.scans]
     scans = [result.scans[label] for label in labels]
     text = result.text
+    surgeon = json.loads((conversion.output / "config.json").read_text()).get("surgeon", {})
+    smooth = "smooth" in surgeon
     lines = [
         f"# surgeon main job: {cfg.model}", "",
         f"Model `{cfg.model}` ({conversion.family}, {conversion.params_before:,} parameters), text `{cfg.data}`. "
-        f"Converted with {', '.join(conversion.transforms)} (rank {cfg.rank}{_absorbed(conversion)}"
-        f"{_smoothed(conversion)}): "
+        f"Converted with {', '.join(conversion.transforms)} (rank {cfg.rank}{_absorbed(surgeon)}"
+        f"{_smoothed(surgeon)}): "
         f"+{conversion.params_after - conversion.params_before:,} parameters; verified max |Δlogit| "
         f"{result.verify['max_abs_diff']:.3g} over {result.verify['tokens']} tokens.", "",
     ]
@@ -260,10 +261,9 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
         first, last = result.training["heldout_first"], result.training["heldout_last"]
         # the training measures the converted model (step 0) and the trained one; the source has the converted
         # model's linear inputs only when no pass changed them (smooth does)
-        same = "smooth" not in conversion.transforms
         figure = "{0[linear_input_max_rms]:.1f} ({0[linear_input_max_rms_worst]:.1f})".format
         lines.append(f"| linear-input max/RMS, mean (worst) — training's held-out | "
-                     f"{figure(first) if same else '–'} | {figure(first)} | {figure(last)} |")
+                     f"{'–' if smooth else figure(first)} | {figure(first)} | {figure(last)} |")
     columns = [f for f in next(iter(result.evals.values())).perplexity if f != "none"]
     smoothed = any(f.endswith("+sq") for f in columns)
     lines += ["", "## Perplexity and W4A4", "",
@@ -282,7 +282,6 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
         lines += ["", "Trained ÷ source perplexity: " + ", ".join(
             f"{'fp32' if f == 'none' else _format_label(f)} {out_ev[f] / src[f]:.2f}×" for f in ("none", *columns))
             + "."]
-    smooth = "smooth" in conversion.transforms
     lines += ["", "The converted model computes the same function as the source: the gates are identity-initialized, "
               "and each sink dimension is divided by a power of two in every residual writer (embedding, o_proj and "
               "down_proj rows) and multiplied back in every reading norm's PreAffine. The residual stream shrinks "
