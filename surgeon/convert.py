@@ -128,6 +128,7 @@ def convert(
         config = surgeon_config(plan, ckpt, digest)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         copy_side_files(ckpt, tmp)
+        write_side_tensors(plan, tmp)
         if "auto_map" in config:
             shutil.copy2(MODELING_FILE, tmp / MODELING_FILE.name)
         report = ConvertReport(
@@ -154,6 +155,14 @@ def convert(
                 )
         write_manifest(tmp, report, config)
     return report
+
+
+def write_side_tensors(plan: Plan, dest: Path) -> None:
+    """The plan's side_tensors files (e.g. smooth's factors) as safetensors files in `dest`."""
+    from safetensors.torch import save_file
+
+    for name, (tensors, metadata) in plan.side_tensors.items():
+        save_file({k: v.clone() for k, v in tensors.items()}, str(dest / name), metadata=metadata)  # one storage each
 
 
 def copy_side_files(ckpt: Checkpoint, dest: Path, *, skip: tuple[str, ...] = ()) -> list[str]:

@@ -35,6 +35,8 @@ class Plan:
         self.config: dict = copy.deepcopy(source.config)
         self.seed = seed
         self.applied: list[str] = []
+        # extra safetensors files written beside the weights: {file name: ({key: tensor}, metadata)}
+        self.side_tensors: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]] = {}
         self._order: list[str] = []
         self.tensors: dict[str, PlannedTensor] = {}
         for name, info in source.tensors.items():

@@ -19,6 +19,7 @@ from surgeon.convert import convert
 from surgeon.errors import SurgeonError
 from surgeon.io import Checkpoint
 from surgeon.transforms import GatedNorm, Smooth
+from surgeon.transforms.smooth import load_factors
 
 OUTLIER, FACTOR = 7, 64.0
 
@@ -97,6 +98,10 @@ def test_function_preserved_and_weights_scaled_exactly(sources, corpus, tmp_path
                            s_down)
         untouched = [n for n in before if "o_proj" in n or "embed" in n or n == "model.norm.weight"]
         assert all(torch.equal(before[n], after[n]) for n in untouched)
+    # the recorded factors are exactly what was applied, to every tensor smooth rewrote and to no other
+    factors = load_factors(out, {n: t.shape for n, t in before.items()})
+    assert set(factors) == {n for n in before if not torch.equal(before[n], after[n])}
+    assert all(torch.equal(after[n], before[n] * m) for n, m in factors.items())
     for module in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.gate_proj"):
         # α = ½ takes about half the outlier's log-magnitude into the weights: 64× → about 8×
         assert outlier_over_median(out, module) < outlier_over_median(src, module) / 4

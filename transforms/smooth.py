@@ -27,8 +27,13 @@ function), so the source is run on `data` (`tokens` text tokens, windows of `seq
 each reader. Architecture data: `norm_readers` (per norm role, the linears reading its output) and `mlp.up` /
 `mlp.down`; a family without them (the MoE families, whose experts are fused parameters) is refused.
 
+The factors are kept beside the weights in `smooth_factors.safetensors`: key `<tensor>@<axis>` → the vector f
+with rewritten = source × f along that axis (1/s for a writer, s for a reader; up_proj has a row and a column
+entry). Training reads it to take its optimizer steps on the unsmoothed weights (surgeon.train.coordinates); a
+later convert or export does not carry it (the weights it describes may have moved on).
+
 Invariant (tests/test_smooth.py): logits identical (torch.equal); the rewritten tensors are exactly the source's
-scaled by a power of two per channel; a reader's inputs' max/RMS falls.
+scaled by a power of two per channel, and by exactly the recorded factors; a reader's inputs' max/RMS falls.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from surgeon.plan import Plan
 from surgeon.quant import SMOOTH_ALPHA, balance_scales, check_alpha, input_channel_amax
 
 POINTS = ("pre_attention", "pre_mlp")
+FACTORS_FILE = "smooth_factors.safetensors"
+FACTORS_FORMAT = "surgeon smooth factors: <tensor>@<axis> -> f, smoothed tensor = source tensor x f along axis"
 CALIBRATION_BATCH = 4
 
 
@@ -158,12 +165,16 @@ class Smooth:
                                "convert the original checkpoint instead")
         points = self.points(plan)
         scales = self.calibrate(plan, points)
+        factors = {}
         for point in points:
             s = scales[point["point"]]
             for name, axis in point["divide"]:
                 plan.rewrite(name, lambda t, n=name, a=axis, s=s: _scaled(t, a, s, multiply=False, name=n))
+                factors[f"{name}@{axis}"] = 1 / s
             for name in point["readers"]:
                 plan.rewrite(name, lambda t, n=name, s=s: _scaled(t, -1, s, multiply=True, name=n))
+                factors[f"{name}@-1"] = s
+        plan.side_tensors[FACTORS_FILE] = ({k: v.float() for k, v in factors.items()}, {"format": FACTORS_FORMAT})
         every = torch.cat([s.log2() for s in scales.values()])
         plan.surgeon[self.key] = {
             "alpha": self.alpha, "calibration_tokens": self.tokens, "points": len(points),
@@ -172,3 +183,36 @@ class Smooth:
         }
         plan.surgeon.setdefault("transforms", []).append(self.name)
         plan.applied.append(self.name)
+
+
+def load_factors(model_dir: str | os.PathLike, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """{tensor name: the factor smooth multiplied it by, shaped to broadcast against it} from the model directory's
+    FACTORS_FILE; `shapes` are the model's tensors (names as in the checkpoint)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    path = Path(model_dir) / FACTORS_FILE
+    if not path.is_file():
+        raise SurgeonError(f"{model_dir} has no {FACTORS_FILE}: only a model written by `surgeon convert -t smooth` "
+                           "records its smoothing factors (convert the model with smooth, or train in the stored "
+                           "coordinates)")
+    out: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt") as fh:
+        if (fh.metadata() or {}).get("format") != FACTORS_FORMAT:
+            raise SurgeonError(f"{path} is not a surgeon smooth factors file (its metadata names no such format)")
+        for key in fh.keys():
+            name, _, axis = key.rpartition("@")
+            if name not in shapes:
+                raise SurgeonError(f"{path} names {name!r}, which the model does not have: the factors belong to "
+                                   "another model")
+            shape = [1] * len(shapes[name])
+            f = fh.get_tensor(key)
+            axis = int(axis)
+            if len(shape) < -axis or shapes[name][axis] != f.numel():
+                raise SurgeonError(f"{path}: {key} has {f.numel()} factors for a tensor of shape "
+                                   f"{tuple(shapes[name])}: the factors belong to another model")
+            shape[axis] = -1
+            f = f.reshape(shape)
+            out[name] = out[name] * f if name in out else f
+    return out

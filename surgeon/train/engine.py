@@ -1,6 +1,7 @@
 """The DeepSpeed side of training: process group, DeepSpeed config, optimizer groups, learning-rate schedule.
 
-Optimizer: torch AdamW (DeepSpeed's own Adam compiles a C++ op first), two parameter groups —
+Optimizer: torch AdamW (DeepSpeed's own Adam compiles a C++ op first; with `optimizer_coordinates: source`, its steps
+on smoothed weights taken in the source's coordinates, surgeon.train.coordinates), two parameter groups —
     new         names containing gate_down, gate_up or pre_affine (GatedNorm and PreAffine parameters):
                 lr_new, weight_decay_new
     pretrained  everything else: lr, weight_decay; its lr is 0 for the first freeze_base_steps steps
@@ -125,11 +126,23 @@ def lr_factor(step: int, *, steps: int, warmup: int, min_ratio: float, start: in
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: torch.nn.Module, recipe: Recipe):
+def build_optimizer(model: torch.nn.Module, recipe: Recipe, factors: dict[str, torch.Tensor] | None = None):
+    """AdamW and its schedule; with `factors` ({parameter name: m}), the steps of those parameters are taken on
+    w / m (surgeon.train.coordinates)."""
     groups = parameter_groups(model, recipe)
     if not groups:
         raise SurgeonError("the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(groups, lr=recipe.lr, betas=recipe.betas, eps=recipe.eps)
+    settings = dict(lr=recipe.lr, betas=recipe.betas, eps=recipe.eps)
+    if factors:
+        from .coordinates import RescaledAdamW
+
+        by_name = dict(model.named_parameters())
+        absent = [n for n in factors if n not in by_name]
+        if absent:
+            raise SurgeonError(f"the smooth factors name {absent[0]!r}, which is not a parameter of the model")
+        optimizer = RescaledAdamW(groups, factors={by_name[n]: m for n, m in factors.items()}, **settings)
+    else:
+        optimizer = torch.optim.AdamW(groups, **settings)
     factors = []
     for group in groups:
         start = recipe.freeze_base_steps if group["name"] == "pretrained" else 0
@@ -148,11 +161,12 @@ class _Factor:
         return lr_factor(step, steps=self.steps, warmup=self.warmup, min_ratio=self.min_ratio, start=self.start)
 
 
-def initialize(model: torch.nn.Module, recipe: Recipe, ds_config: dict, world: int):
+def initialize(model: torch.nn.Module, recipe: Recipe, ds_config: dict, world: int,
+               factors: dict[str, torch.Tensor] | None = None):
     """(engine, optimizer, scheduler) of a DeepSpeed engine around `model`."""
     import deepspeed
 
-    optimizer, scheduler = build_optimizer(model, recipe)
+    optimizer, scheduler = build_optimizer(model, recipe, factors)
     config = finish_ds_config(ds_config, recipe, world)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=config, dist_init_required=False)

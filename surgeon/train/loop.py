@@ -39,6 +39,7 @@ import torch
 from ..errors import SurgeonError
 from ..sources import load_model, resolve_model, resolve_text
 from . import engine as ds
+from .coordinates import check_supported as check_coordinates
 from .data import WindowStream
 from .objectives import ObjectiveConfig, Objectives
 from .recipe import Recipe, load_recipe
@@ -164,9 +165,17 @@ def train(model: str | os.PathLike, data: str | os.PathLike | list, run_dir: str
     if stop_after is not None and stop_after < 1:
         raise SurgeonError(f"stop_after must be at least 1, got {stop_after}")
     ds_config = ds.load_ds_config(deepspeed_config)
+    check_coordinates(recipe.optimizer_coordinates, (ds_config.get("zero_optimization") or {}).get("stage", 0),
+                      ds.accelerator_is_gpu())
     paths = resolve_text(data)
     model_dir = resolve_model(model, trust_remote_code=trust_remote_code)
     sink_dims = _sink_dims_of(model_dir, scan)
+    factors = None
+    if recipe.optimizer_coordinates == "source":
+        from surgeon.io import Checkpoint
+        from surgeon.transforms.smooth import load_factors
+
+        factors = load_factors(model_dir, {n: t.shape for n, t in Checkpoint(model_dir).tensors.items()})
     _check_run_dir(run_dir, resume)
     objective_cfg = ObjectiveConfig(**recipe.objectives)
 
@@ -184,7 +193,7 @@ def train(model: str | os.PathLike, data: str | os.PathLike | list, run_dir: str
     stream = WindowStream(paths, tokenizer, recipe.seq_len, heldout_every=recipe.heldout_every, seed=recipe.seed,
                           shuffle_windows=recipe.shuffle_windows)
     heldout = stream.heldout(recipe.eval_windows, recipe.batch_size)
-    engine, _, _ = ds.initialize(net, recipe, ds_config, world)
+    engine, _, _ = ds.initialize(net, recipe, ds_config, world, factors)
 
     checkpoints = run_dir / CHECKPOINTS
     metrics_path = run_dir / METRICS

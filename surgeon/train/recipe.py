@@ -9,6 +9,9 @@
     warmup_steps, min_lr_ratio            linear warmup to the peak, then cosine down to min_lr_ratio × peak
     freeze_base_steps                     the pretrained group's lr is 0 for the first K steps (its warmup follows)
     grad_clip                             global gradient-norm clip (0 = off)
+    optimizer_coordinates                 stored (default): AdamW steps the weights as stored; source: on a model
+                                          converted with smooth, its steps are taken on the unsmoothed weights
+                                          (surgeon.train.coordinates; ZeRO stage 0, fp32)
     gradient_checkpointing                recompute each layer in the backward (less memory, ~⅓ more compute)
     heldout_every, eval_windows           window i of the token stream is held out when i % heldout_every ==
                                           heldout_every − 1; the first eval_windows of those are the eval set
@@ -45,6 +48,7 @@ class Recipe:
     min_lr_ratio: float = 0.1
     freeze_base_steps: int = 0
     grad_clip: float = 1.0
+    optimizer_coordinates: str = "stored"
     gradient_checkpointing: bool = False
     heldout_every: int = 50
     eval_windows: int = 8
@@ -93,6 +97,12 @@ def make_recipe(settings: dict | None = None, *, source: str = "recipe", **overr
     if "gradient_checkpointing" in settings and not isinstance(settings["gradient_checkpointing"], bool):
         raise SurgeonError(f"{source}: gradient_checkpointing must be true or false, got "
                            f"{settings['gradient_checkpointing']!r}")
+    if "optimizer_coordinates" in settings:
+        from .coordinates import COORDINATES
+
+        if settings["optimizer_coordinates"] not in COORDINATES:
+            raise SurgeonError(f"{source}: optimizer_coordinates must be one of {', '.join(COORDINATES)}, got "
+                               f"{settings['optimizer_coordinates']!r}")
     if "betas" in settings:
         betas = settings["betas"]
         if not (isinstance(betas, (list, tuple)) and len(betas) == 2
