@@ -17,9 +17,10 @@ The config is the model directory's with the export dtype and a `surgeon.trainin
 steps, tokens, world size, run dir, checkpoint tag). A model converted with `glu` whose schedule reached α = 1
 and that carries no other surgeon module is written as its stock family (hidden_act "sigmoid", no auto_map, no
 modeling file), through the same code path convert uses for `--glu-alpha 1`; at α < 1 the surgeon config keeps
-the trained α. Tokenizer, generation config and the modeling file come from the model directory. The manifest
-(surgeon_manifest.json) and the model card (README.md) record provenance and the before/after figures of
-RUN_DIR/metrics.jsonl (first measurement vs the last one up to the exported step), plus any `figures` given.
+the trained α. Tokenizer, generation config, the modeling file and smooth's factors (smooth_factors.safetensors)
+come from the model directory. The manifest (surgeon_manifest.json) and the model card (README.md) record
+provenance and the before/after figures of RUN_DIR/metrics.jsonl (first measurement vs the last one up to the
+exported step), plus any `figures` given.
 The output is built in a temporary sibling and renamed into place only when everything succeeded.
 """
 
@@ -467,6 +468,10 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str | t
         report.shards = [p.name for p in shards]
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         copy_side_files(ckpt, tmp, skip=("README.md", MANIFEST, *old_modeling))
+        from .transforms.smooth import FACTORS_FILE
+
+        if (model_dir / FACTORS_FILE).is_file():  # trained weights stay in the coordinates the factors describe
+            shutil.copy2(model_dir / FACTORS_FILE, tmp / FACTORS_FILE)
         if not stock:
             for name in dict.fromkeys(f"{v.split('.')[0]}.py" for v in config["auto_map"].values()):
                 src = model_dir / name if (model_dir / name).is_file() else MODELING_FILE.with_name(name)

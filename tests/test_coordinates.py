@@ -89,7 +89,7 @@ def _trained(root: Path, model: str, recipe: str, name: str) -> tuple[list[float
 
 
 def test_source_coordinates_take_the_unsmoothed_runs_steps(models):
-    from surgeon.transforms.smooth import load_factors
+    from surgeon.transforms.smooth import FACTORS_FILE, load_factors
 
     losses_u, unsmoothed = _trained(models, "gated", "recipe.yaml", "unsmoothed")
     losses_s, source = _trained(models, "smoothed", "recipe-source.yaml", "source")
@@ -100,6 +100,7 @@ def test_source_coordinates_take_the_unsmoothed_runs_steps(models):
     for name, u in unsmoothed.items():
         assert torch.equal(source[name], u * factors.get(name, 1)), name
     assert any(not torch.equal(stored[n], source[n]) for n in factors)  # the stored coordinates train otherwise
+    assert (models / "source-model" / FACTORS_FILE).is_file()  # export keeps the way back to the source
     assert losses_w[0] == losses_u[0]  # same model, same first batch
 
 

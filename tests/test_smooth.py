@@ -19,7 +19,7 @@ from surgeon.convert import convert
 from surgeon.errors import SurgeonError
 from surgeon.io import Checkpoint
 from surgeon.transforms import GatedNorm, Smooth
-from surgeon.transforms.smooth import load_factors
+from surgeon.transforms.smooth import FACTORS_FILE, load_factors
 
 OUTLIER, FACTOR = 7, 64.0
 
@@ -154,8 +154,25 @@ def test_errors(sources, corpus, tmp_path):
         Smooth()
     with pytest.raises(SurgeonError, match="alpha must be in"):
         Smooth(data=corpus, alpha=1.5)
-    once = tmp_path / "once"
-    convert(sources["llama"], once, [Smooth(data=corpus, tokens=256, seq_len=32)], show_progress=False)
-    with pytest.raises(SurgeonError, match="already smoothed"):
-        convert(once, tmp_path / "twice", [Smooth(data=corpus)], show_progress=False)
+    with pytest.raises(SurgeonError, match="smooth is given twice"):
+        convert(sources["llama"], tmp_path / "twice", [Smooth(data=corpus), Smooth(data=corpus)], show_progress=False)
     assert not (tmp_path / "twice").exists()
+
+
+def test_smoothing_again_recalibrates_and_composes_the_factors(sources, corpus, tmp_path):
+    """A smoothed checkpoint smoothed again (as after training): same logits, and the recorded factors are the
+    product of both rounds', so they still lead back exactly to the source weights."""
+    src, once, twice = sources["qwen3"], tmp_path / "once", tmp_path / "twice"
+    convert(src, once, [Smooth(data=corpus, tokens=256, seq_len=32)], show_progress=False)
+    convert(once, twice, [Smooth(data=corpus, alpha=0.9, tokens=256, seq_len=32)], verify=True, show_progress=False)
+    assert torch.equal(logits(src), logits(twice))
+    block = json.loads((twice / "config.json").read_text())["surgeon"]
+    assert block["smooth"]["rounds"] == 2 and block["smooth"]["alpha"] == 0.9
+    before, middle, after = tensors(src), tensors(once), tensors(twice)
+    assert any(not torch.equal(middle[n], after[n]) for n in after)  # α 0.9 moved more than α 0.5 had
+    factors = load_factors(twice, {n: t.shape for n, t in before.items()})
+    assert all(torch.equal(after[n], before[n] * factors.get(n, 1)) for n in before)
+    # without its factors file, a smoothed checkpoint's new round writes none (they would not lead to the source)
+    (once / FACTORS_FILE).unlink()
+    convert(once, tmp_path / "orphan", [Smooth(data=corpus, tokens=256, seq_len=32)], show_progress=False)
+    assert not (tmp_path / "orphan" / FACTORS_FILE).exists()

@@ -29,8 +29,13 @@ each reader. Architecture data: `norm_readers` (per norm role, the linears readi
 
 The factors are kept beside the weights in `smooth_factors.safetensors`: key `<tensor>@<axis>` → the vector f
 with rewritten = source × f along that axis (1/s for a writer, s for a reader; up_proj has a row and a column
-entry). Training reads it to take its optimizer steps on the unsmoothed weights (surgeon.train.coordinates); a
-later convert or export does not carry it (the weights it describes may have moved on).
+entry). Training reads it to take its optimizer steps on the unsmoothed weights (surgeon.train.coordinates), and
+export carries it to the trained model; a later convert with other passes does not.
+
+Smoothing a smoothed checkpoint again (typically after training, whose updates move the activations the first
+scales were calibrated on) is a recalibration: new scales from the checkpoint as it is, folded the same way, and
+the recorded factors become the product of both rounds' (when the checkpoint has its factors file; else none are
+written). Two smooth passes in one convert are refused.
 
 Invariant (tests/test_smooth.py): logits identical (torch.equal); the rewritten tensors are exactly the source's
 scaled by a power of two per channel, and by exactly the recorded factors; a reader's inputs' max/RMS falls.
@@ -160,9 +165,11 @@ class Smooth:
         return scales
 
     def apply(self, plan: Plan) -> None:
-        if self.key in plan.surgeon:
-            raise SurgeonError("the model is already smoothed; smoothing again would rebalance what was balanced: "
-                               "convert the original checkpoint instead")
+        if self.name in plan.applied:
+            raise SurgeonError("smooth is given twice: one smooth pass per convert (a smoothed checkpoint can be "
+                               "smoothed again later, e.g. after training, to recalibrate)")
+        earlier = plan.surgeon.get(self.key)  # a smoothed checkpoint (e.g. trained since): this round recalibrates
+        previous = read_factor_entries(plan.source.path) if earlier else {}
         points = self.points(plan)
         scales = self.calibrate(plan, points)
         factors = {}
@@ -174,15 +181,33 @@ class Smooth:
             for name in point["readers"]:
                 plan.rewrite(name, lambda t, n=name, s=s: _scaled(t, -1, s, multiply=True, name=n))
                 factors[f"{name}@-1"] = s
-        plan.side_tensors[FACTORS_FILE] = ({k: v.float() for k, v in factors.items()}, {"format": FACTORS_FORMAT})
+        if previous is not None:  # the factors from the source weights: the earlier rounds' times this one's
+            factors = {k: previous.get(k, 1) * factors.get(k, 1) for k in {**previous, **factors}}
+            plan.side_tensors[FACTORS_FILE] = ({k: v.float() for k, v in factors.items()}, {"format": FACTORS_FORMAT})
         every = torch.cat([s.log2() for s in scales.values()])
         plan.surgeon[self.key] = {
             "alpha": self.alpha, "calibration_tokens": self.tokens, "points": len(points),
             "targets": [plan.arch.norm_pattern(r) for r in POINTS] + [plan.arch.mlp["down"]],
             "log2_scale_range": [int(every.min()), int(every.max())],
+            "rounds": (earlier or {}).get("rounds", 1) + 1 if earlier else 1,
         }
         plan.surgeon.setdefault("transforms", []).append(self.name)
         plan.applied.append(self.name)
+
+
+def read_factor_entries(model_dir: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+    """The FACTORS_FILE's entries ({"<tensor>@<axis>": f}) of a model directory; None when it has none."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    path = Path(model_dir) / FACTORS_FILE
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as fh:
+        if (fh.metadata() or {}).get("format") != FACTORS_FORMAT:
+            raise SurgeonError(f"{path} is not a surgeon smooth factors file (its metadata names no such format)")
+        return {key: fh.get_tensor(key) for key in fh.keys()}
 
 
 def load_factors(model_dir: str | os.PathLike, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
@@ -190,29 +215,24 @@ def load_factors(model_dir: str | os.PathLike, shapes: dict[str, torch.Size]) ->
     FACTORS_FILE; `shapes` are the model's tensors (names as in the checkpoint)."""
     from pathlib import Path
 
-    from safetensors import safe_open
-
     path = Path(model_dir) / FACTORS_FILE
-    if not path.is_file():
+    entries = read_factor_entries(model_dir)
+    if entries is None:
         raise SurgeonError(f"{model_dir} has no {FACTORS_FILE}: only a model written by `surgeon convert -t smooth` "
-                           "records its smoothing factors (convert the model with smooth, or train in the stored "
-                           "coordinates)")
+                           "(or exported from training one) records its smoothing factors (convert the model with "
+                           "smooth, or train in the stored coordinates)")
     out: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt") as fh:
-        if (fh.metadata() or {}).get("format") != FACTORS_FORMAT:
-            raise SurgeonError(f"{path} is not a surgeon smooth factors file (its metadata names no such format)")
-        for key in fh.keys():
-            name, _, axis = key.rpartition("@")
-            if name not in shapes:
-                raise SurgeonError(f"{path} names {name!r}, which the model does not have: the factors belong to "
-                                   "another model")
-            shape = [1] * len(shapes[name])
-            f = fh.get_tensor(key)
-            axis = int(axis)
-            if len(shape) < -axis or shapes[name][axis] != f.numel():
-                raise SurgeonError(f"{path}: {key} has {f.numel()} factors for a tensor of shape "
-                                   f"{tuple(shapes[name])}: the factors belong to another model")
-            shape[axis] = -1
-            f = f.reshape(shape)
-            out[name] = out[name] * f if name in out else f
+    for key, f in entries.items():
+        name, _, axis = key.rpartition("@")
+        if name not in shapes:
+            raise SurgeonError(f"{path} names {name!r}, which the model does not have: the factors belong to "
+                               "another model")
+        shape = [1] * len(shapes[name])
+        axis = int(axis)
+        if len(shape) < -axis or shapes[name][axis] != f.numel():
+            raise SurgeonError(f"{path}: {key} has {f.numel()} factors for a tensor of shape "
+                               f"{tuple(shapes[name])}: the factors belong to another model")
+        shape[axis] = -1
+        f = f.reshape(shape)
+        out[name] = out[name] * f if name in out else f
     return out
