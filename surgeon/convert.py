@@ -16,7 +16,7 @@ from pathlib import Path
 from . import __version__
 from .dtypes import parse_dtype
 from .errors import SurgeonError
-from .io import Checkpoint, parse_size, staged_directory, write_sharded
+from .io import Checkpoint, final_path, parse_size, staged_directory, write_sharded
 from .io.digest import SourceHasher
 from .modeling import BASE_MODEL_TYPES, CLASSES, MODELING_FILE, needs_surgeon_modules, surgeon_model_type
 from .architectures import base_model_type
@@ -58,7 +58,7 @@ def surgeon_config(plan: Plan, source: Checkpoint, sha256: str) -> dict:
     block.setdefault("base_architectures", source.config.get("architectures"))
     block["version"] = __version__
     block.setdefault("history", []).append(
-        {"transforms": list(plan.applied), "source": str(source.path), "source_sha256": sha256}
+        {"transforms": list(plan.applied), "source": str(final_path(source.path.resolve())), "source_sha256": sha256}
     )
     block["source_sha256"] = block["history"][0]["source_sha256"]
     return set_model_type(config, base)
@@ -180,7 +180,7 @@ def write_manifest(out: Path, report: ConvertReport, config: dict) -> None:
     block = config["surgeon"]
     manifest = {
         "surgeon_version": __version__,
-        "source": str(report.source),
+        "source": str(final_path(report.source.resolve())),
         "source_sha256": report.source_sha256,
         "source_files_sha256": report.source_files,
         "family": report.family,
