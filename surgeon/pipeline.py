@@ -1,8 +1,7 @@
 """The main job, stage by stage: scan the source → convert (GatedNorm, PreAffine, the scanned residual sinks
 absorbed into PreAffine, SmoothQuant scales folded into the weights; verified) → scan the result → continued
-pretraining with the tuned recipe → export (smooth recalibrated on the trained model) → scan and evaluate the
-result → a markdown report with the tables and plots, source, converted and trained side by side (perplexity,
-NVFP4 and INT4 W4A4).
+pretraining with the tuned recipe → export → scan and evaluate the export → a markdown report with the tables
+and plots, source, converted and trained side by side (perplexity, NVFP4 and INT4 W4A4).
 
 Every stage is a library call that also runs alone from the CLI (scan, convert, train, export, eval); this
 module only sequences them and writes the report. The run directory is staged and renamed into place at the end,
@@ -36,8 +35,8 @@ EVAL_FORMATS = ("nvfp4", "int4")
 # SmoothQuant's α for the smooth pass: on the converted SmolLM2, INT4 W4A4 perplexity at step 0 (held-out windows of
 # the training plays) is 6,757 unsmoothed, 1,480 at α 0.5, 644 at 0.65, 506 at 0.8; see configs/recipes/smollm2-cpu
 SMOOTH_PASS_ALPHA = 0.8
-LABELS = ("source", "converted", "trained", "resmoothed")
-DIRS = {"converted": "model-converted", "trained": "model-trained", "resmoothed": "model-resmoothed"}
+LABELS = ("source", "converted", "trained")
+DIRS = {"converted": "model-converted", "trained": "model-trained"}
 
 
 @dataclass
@@ -115,7 +114,7 @@ def run(cfg: PipelineConfig, out: str | Path, *, force: bool = False) -> Pipelin
     eval_paths, train_paths, overlap = split_text(paths, cfg.eval_files)
     source = resolve_model(cfg.model)
     recipe = load_recipe(cfg.recipe, steps=cfg.train_steps) if cfg.train else None  # bad recipe: before any work
-    stages = (5 + (cfg.smooth_alpha is not None)) if cfg.train else 3
+    stages = 5 if cfg.train else 3
     with staged_directory(out, force=force, sources=(source,)) as tmp:
         result = PipelineResult(out=out, text={"eval": [p.name for p in eval_paths],
                                                "train": [p.name for p in train_paths], "overlap": overlap})
@@ -155,18 +154,6 @@ def run(cfg: PipelineConfig, out: str | Path, *, force: bool = False) -> Pipelin
             shutil.rmtree(run_dir / "checkpoints")  # exported; the optimizer states are 3× the model
             result.stages["export"] = time.perf_counter() - t
             _scan_and_eval("trained", tmp / DIRS["trained"], eval_paths, cfg, tmp, result)
-
-            if cfg.smooth_alpha is not None:
-                # training moved the activations the first scales were calibrated on: smooth again, from the trained
-                # model (the same function, verified; on SmolLM2 INT4 W4A4 perplexity about 10% lower)
-                console.rule(f"[bold]6/{stages} smooth recalibrated[/] on the trained model, verified")
-                t = time.perf_counter()
-                again = convert(tmp / DIRS["trained"], tmp / DIRS["resmoothed"],
-                                [Smooth(data=train_paths, alpha=cfg.smooth_alpha, seq_len=cfg.seq_len, progress=True)],
-                                verify=True)
-                result.training["recalibrated"] = again.verify
-                result.stages["smooth recalibrated + verify"] = time.perf_counter() - t
-                _scan_and_eval("resmoothed", tmp / DIRS["resmoothed"], eval_paths, cfg, tmp, result)
         write_report(tmp, cfg, result, report)
     console.print(f"[green]report:[/] {out / 'report.md'}")
     return result
@@ -253,10 +240,7 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
                   f"{tr['recipe']['lr_new']:g} (gates, PreAffine)"
                   + ("; AdamW stepping the unsmoothed weights (optimizer_coordinates: source)"
                      if tr["recipe"].get("optimizer_coordinates") == "source" else "")
-                  + f". Exported to `{DIRS['trained']}/`"
-                  + (f"; `{DIRS['resmoothed']}/` is the trained model with its smooth scales recalibrated on its own "
-                     f"activations (the same function: verified max |Δlogit| {tr['recalibrated']['max_abs_diff']:.3g})"
-                     if tr.get("recalibrated") else "") + ".", ""]
+                  + f". Exported to `{DIRS['trained']}/`.", ""]
     if text.get("overlap"):
         lines += ["**Note:** the text has too few files to hold some out, so evaluation windows come from the "
                   "training text.", ""]
@@ -281,10 +265,8 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
         # the training measures the converted model (step 0) and the trained one; the source has the converted
         # model's linear inputs only when no pass changed them (smooth does)
         figure = "{0[linear_input_max_rms]:.1f} ({0[linear_input_max_rms_worst]:.1f})".format
-        cells = {"source": "–" if smooth else figure(first), "converted": figure(first), "trained": figure(last),
-                 "resmoothed": "–"}  # measured by the training: its model before and after
-        lines.append("| linear-input max/RMS, mean (worst) — training's held-out | "
-                     + " | ".join(cells[label] for label in labels) + " |")
+        lines.append(f"| linear-input max/RMS, mean (worst) — training's held-out | "
+                     f"{'–' if smooth else figure(first)} | {figure(first)} | {figure(last)} |")
     columns = [f for f in next(iter(result.evals.values())).perplexity if f != "none"]
     smoothed = any(f.endswith("+sq") for f in columns)
     lines += ["", "## Perplexity and W4A4", "",
@@ -299,9 +281,8 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
         lines.append(f"| {label} | {ev.perplexity['none']:.2f} | "
                      + " | ".join(f"{ev.perplexity[f]:,.1f} (×{ev.ratio(f):.2f})" for f in columns) + " |")
     if "trained" in result.evals:
-        final = labels[-1]
-        src, out_ev = result.evals["source"].perplexity, result.evals[final].perplexity
-        lines += ["", f"{final.capitalize()} ÷ source perplexity: " + ", ".join(
+        src, out_ev = result.evals["source"].perplexity, result.evals["trained"].perplexity
+        lines += ["", "Trained ÷ source perplexity: " + ", ".join(
             f"{'fp32' if f == 'none' else _format_label(f)} {out_ev[f] / src[f]:.2f}×" for f in ("none", *columns))
             + "."]
     lines += ["", "The converted model computes the same function as the source: the gates are identity-initialized, "
@@ -316,10 +297,7 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
                  "Activation quantization sees the same values (NVFP4's FP8 block scales are relative to one scale "
                  "per tensor, so the shrunken rows lose a little precision). ")
               + "What is left of the outliers in the linear inputs is what the continued pretraining has to train "
-              "away."
-              + (" Training moves the activations the smooth scales were calibrated on, so `resmoothed` is the "
-                 "trained model smoothed again from its own activations: the same function, new scales."
-                 if "resmoothed" in labels else ""), "", "## Plots", ""]
+              "away.", "", "## Plots", ""]
     for label in labels:
         for png in sorted((out / f"scan-{label}").glob("*.png")):
             lines.append(f"![{label} {png.stem}](scan-{label}/{png.name})")

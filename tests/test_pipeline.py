@@ -26,6 +26,7 @@ eval_windows: 2
 eval_every: 3
 save_every: 3
 objectives: {lm: 1.0, qat: int4, qat_fraction: 0.5}
+optimizer_coordinates: source
 """
 TEXT = ("Now is the winter of our discontent made glorious summer by this sun of York; and all the clouds that "
         "lour'd upon our house in the deep bosom of the ocean buried. ") * 40
@@ -69,24 +70,17 @@ def test_pipeline_runs_end_to_end(tmp_path):
     assert result.evals["trained"].perplexity["none"] != result.evals["converted"].perplexity["none"]
     assert (out / "train" / "metrics.jsonl").is_file() and not (out / "train" / "checkpoints").exists()
     assert result.text["overlap"]  # one file: nothing to hold out, and the report says so
-    # smooth recalibrated on the trained model: the same function, two rounds of factors leading back to the source
-    resmoothed = out / "model-resmoothed"
-    assert result.training["recalibrated"]["ok"]
-    assert result.evals["resmoothed"].perplexity["none"] == pytest.approx(result.evals["trained"].perplexity["none"],
-                                                                          rel=1e-5)
-    assert json.loads((resmoothed / "config.json").read_text())["surgeon"]["smooth"]["rounds"] == 2
-    assert (trained / "smooth_factors.safetensors").is_file() and (resmoothed / "smooth_factors.safetensors").is_file()
-    assert "surgeon-tmp" not in (resmoothed / "config.json").read_text() + (resmoothed / "README.md").read_text()
 
     report = (out / "report.md").read_text()
-    assert "| | source | converted | trained | resmoothed |" in report and "evaluation windows come from the training" in report
+    assert "| | source | converted | trained |" in report and "evaluation windows come from the training" in report
     assert "| residual peak max" in report and "INT4 W4A4" in report and "dim 7 ÷" in report
     assert "smoothed with α 0.8" in report and "The smooth pass then divides" in report
     assert "| linear-input max/RMS, mean (worst) — training's held-out | – |" in report  # smooth changed them
     assert "INT4 W4A4 +SQ" in report and set(result.evals["trained"].perplexity) == {
         "none", "nvfp4", "int4", "nvfp4+sq", "int4+sq"}
-    assert "Resmoothed ÷ source perplexity" in report and "`model-resmoothed/` is the trained model" in report and "![training loss](train/loss.png)" in report
-    for label in ("source", "converted", "trained", "resmoothed"):
+    assert "AdamW stepping the unsmoothed weights (optimizer_coordinates: source)" in report
+    assert "Trained ÷ source perplexity" in report and "![training loss](train/loss.png)" in report
+    for label in ("source", "converted", "trained"):
         assert (out / f"scan-{label}" / "scan.json").is_file()
         assert (out / f"scan-{label}" / "residual_heatmap.png").stat().st_size > 1000
     results = json.loads((out / "results.json").read_text())
