@@ -92,6 +92,8 @@ def test_source_coordinates_take_the_unsmoothed_runs_steps(models):
     from surgeon.transforms.smooth import FACTORS_FILE, load_factors
 
     losses_u, unsmoothed = _trained(models, "gated", "recipe.yaml", "unsmoothed")
+    losses, same = _trained(models, "gated", "recipe-source.yaml", "unsmoothed-source")  # never smoothed: the same
+    assert losses == losses_u and all(torch.equal(same[n], t) for n, t in unsmoothed.items())
     losses_s, source = _trained(models, "smoothed", "recipe-source.yaml", "source")
     losses_w, stored = _trained(models, "smoothed", "recipe.yaml", "stored")
     factors = load_factors(models / "smoothed", {n: t.shape for n, t in unsmoothed.items()})
@@ -105,13 +107,19 @@ def test_source_coordinates_take_the_unsmoothed_runs_steps(models):
 
 
 def test_refused_without_factors_or_with_zero_above_0(models, tmp_path, capsys):
+    import shutil
+
     from surgeon.cli import main
+    from surgeon.transforms.smooth import FACTORS_FILE
 
     zero2 = Path(__file__).resolve().parent.parent / "configs" / "zero2.json"
-    for model, extra, expected in (("gated", [], "has no smooth_factors.safetensors"),
-                                   ("smoothed", ["--deepspeed", str(zero2)], "needs ZeRO stage 0")):
+    orphan = tmp_path / "orphan"  # smoothed, but without the record of how
+    shutil.copytree(models / "smoothed", orphan)
+    (orphan / FACTORS_FILE).unlink()
+    for model, extra, expected in ((orphan, [], "has no smooth_factors.safetensors"),
+                                   (models / "smoothed", ["--deepspeed", str(zero2)], "needs ZeRO stage 0")):
         out = tmp_path / "run"
-        assert main(["train", str(models / model), "--data", str(models / "text.txt"), "--recipe",
+        assert main(["train", str(model), "--data", str(models / "text.txt"), "--recipe",
                      str(models / "recipe-source.yaml"), "--out", str(out), "--no-progress", *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("surgeon: error: ") and "\n" not in err and expected in err, err

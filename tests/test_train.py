@@ -249,6 +249,7 @@ def test_the_shipped_recipes_and_deepspeed_configs_load():
     assert {"plain", "smollm2-cpu"} <= set(recipes)
     tuned = recipes["smollm2-cpu"]
     assert tuned.objectives["qat"] == "int4" and tuned.objectives["qat_fraction"] == 0.25 and tuned.grad_accum == 2
+    assert tuned.optimizer_coordinates == "source"
     for stage in range(4):
         config = finish_ds_config(load_ds_config(root / f"zero{stage}.json"), recipes["plain"], world=2)
         assert config["zero_optimization"]["stage"] == stage and config["train_batch_size"] == 8

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The experiment behind configs/recipes/smollm2-cpu.yaml (2026-11-22): 40 steps of each recipe here, one at a
-# time, then one line of held-out figures per run (fp32 ppl, residual peak, linear-input max/RMS, W4A4 ppl at
-# the start and at the end). plain* train the source, sm_* the converted model with the smooth pass (α 0.8, the
-# pipeline's default), the others the converted model without it; sm_src_* train it in the source's coordinates
-# (optimizer_coordinates: source). For sm_* runs the trained model is also smoothed again (recalibrated on the
-# training text, as the pipeline does) and its W4A4 perplexity measured on the same held-out windows ("resmoothed").
+# The experiment behind configs/recipes/smollm2-cpu.yaml (2026-11-22): 40 steps of each recipe here (plain80 and
+# sm_src80_*: 80), one at a time, then one line of held-out figures per run (fp32 ppl, residual peak, linear-input
+# max/RMS, W4A4 ppl at the start and at the end). plain* train the source, sm_* the converted model with the smooth
+# pass (α 0.8, the pipeline's default), the others the converted model without it; sm_src* train it in the
+# source's coordinates (optimizer_coordinates: source). For sm_* runs the trained model is also smoothed again
+# (recalibrated on the training text) and its W4A4 perplexity measured on the same held-out windows ("resmoothed").
 # Results of 2026-11-22: benchmarks/results/recipe_sweep.csv.
 #   bash benchmarks/recipe_sweep/sweep.sh OUT [recipe ...]
 # Needs the defaults (scripts/install_defaults.sh); about 8 minutes a recipe on 2 idle cores.
@@ -12,7 +12,8 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=$(mkdir -p "$1" && cd "$1" && pwd); shift
 recipes=("${@:-plain plain_lr plain_lr2 plain_lr4 conv_lm mixqat mixqat_p mixqat25 mixqat_lr mixqat_lr2 mixqat_lr4
-            sm_lm sm_mixqat_lr2 sm_mixqat25_lr2 sm_mixqat125_lr2 sm_qd sm_src_qat25 sm_src_qat50}")
+            sm_lm sm_mixqat_lr2 sm_mixqat25_lr2 sm_mixqat125_lr2 sm_qd sm_src_qat25 sm_src_qat50
+            plain80 sm_src80_qat25 sm_src80_qat375}")
 texts=$(python -c "from surgeon.sources import default_text_dir; print(default_text_dir())")
 mkdir -p "$out/train_text"
 ls "$texts"/*_gut.txt | sort | tail -n +3 | while read -r f; do ln -sf "$f" "$out/train_text/"; done  # plays 3..: 1-2 are eval

@@ -175,7 +175,9 @@ def train(model: str | os.PathLike, data: str | os.PathLike | list, run_dir: str
         from surgeon.io import Checkpoint
         from surgeon.transforms.smooth import load_factors
 
-        factors = load_factors(model_dir, {n: t.shape for n, t in Checkpoint(model_dir).tensors.items()})
+        ckpt = Checkpoint(model_dir)
+        if "smooth" in (ckpt.config.get("surgeon") or {}):  # never smoothed: the stored weights are the source's
+            factors = load_factors(model_dir, {n: t.shape for n, t in ckpt.tensors.items()})
     _check_run_dir(run_dir, resume)
     objective_cfg = ObjectiveConfig(**recipe.objectives)
 
