@@ -37,6 +37,11 @@ def is_new_parameter(name: str) -> bool:
     return any(mark in name for mark in NEW_PARAMETER_MARKS)
 
 
+def zero_stage(config: dict):
+    """The ZeRO stage a DeepSpeed config asks for (0 when it names none)."""
+    return (config.get("zero_optimization") or {}).get("stage", 0)
+
+
 def load_ds_config(path: str | os.PathLike | None) -> dict:
     if path is None:
         return json.loads(json.dumps(DEFAULT_CONFIG))
@@ -49,7 +54,7 @@ def load_ds_config(path: str | os.PathLike | None) -> dict:
         raise SurgeonError(f"DeepSpeed config {path} is not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise SurgeonError(f"DeepSpeed config {path} must be a JSON object")
-    stage = (config.get("zero_optimization") or {}).get("stage", 0)
+    stage = zero_stage(config)
     if stage not in (0, 1, 2, 3):
         raise SurgeonError(f"DeepSpeed config {path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     return config

@@ -165,8 +165,7 @@ def train(model: str | os.PathLike, data: str | os.PathLike | list, run_dir: str
     if stop_after is not None and stop_after < 1:
         raise SurgeonError(f"stop_after must be at least 1, got {stop_after}")
     ds_config = ds.load_ds_config(deepspeed_config)
-    check_coordinates(recipe.optimizer_coordinates, (ds_config.get("zero_optimization") or {}).get("stage", 0),
-                      ds.accelerator_is_gpu())
+    check_coordinates(recipe.optimizer_coordinates, ds.zero_stage(ds_config), ds.accelerator_is_gpu())
     paths = resolve_text(data)
     model_dir = resolve_model(model, trust_remote_code=trust_remote_code)
     sink_dims = _sink_dims_of(model_dir, scan)
