@@ -48,6 +48,7 @@ from .io.digest import SourceHasher
 from .modeling import GLU_ACTIVATION, MODELING_FILE
 from .progress import progress_bar
 from .train.rundir import CHECKPOINTS, RUN_JSON, read_metrics
+from .transforms.smooth import FACTORS_FILE
 
 WEIGHTS_ONLY_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 NO_WEIGHTS_ONLY_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
@@ -468,8 +469,6 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str | t
         report.shards = [p.name for p in shards]
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         copy_side_files(ckpt, tmp, skip=("README.md", MANIFEST, *old_modeling))
-        from .transforms.smooth import FACTORS_FILE
-
         if (model_dir / FACTORS_FILE).is_file():  # trained weights stay in the coordinates the factors describe
             shutil.copy2(model_dir / FACTORS_FILE, tmp / FACTORS_FILE)
         if not stock:

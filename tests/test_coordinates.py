@@ -82,8 +82,8 @@ def _trained(root: Path, model: str, recipe: str, name: str) -> tuple[list[float
     run = root / name
     train(root / model, root / "text.txt", run, recipe=root / recipe, show_progress=False)
     export(run, root / f"{name}-model", show_progress=False)
-    losses = [json.loads(line)["lm"] for line in (run / "metrics.jsonl").read_text().splitlines()
-              if "lm" in json.loads(line)]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["lm"] for r in records if "lm" in r]
     ckpt = Checkpoint(root / f"{name}-model")
     return losses, {n: ckpt.get(n) for n in ckpt.tensors}
 

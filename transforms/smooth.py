@@ -189,7 +189,7 @@ class Smooth:
             "alpha": self.alpha, "calibration_tokens": self.tokens, "points": len(points),
             "targets": [plan.arch.norm_pattern(r) for r in POINTS] + [plan.arch.mlp["down"]],
             "log2_scale_range": [int(every.min()), int(every.max())],
-            "rounds": (earlier or {}).get("rounds", 1) + 1 if earlier else 1,
+            "rounds": earlier.get("rounds", 1) + 1 if earlier else 1,
         }
         plan.surgeon.setdefault("transforms", []).append(self.name)
         plan.applied.append(self.name)
