@@ -7,10 +7,11 @@ from .absorb_sinks import AbsorbSinks
 from .base import RESIDUAL_READERS, NormTransform
 from .gated_norm import DEFAULT_RANK, GatedNorm
 from .glu import GLU
+from .hadamard import Hadamard
 from .pre_affine import PreAffine
 from .smooth import Smooth
 
-TRANSFORMS = {cls.name: cls for cls in (GatedNorm, PreAffine, AbsorbSinks, GLU, Smooth)}
+TRANSFORMS = {cls.name: cls for cls in (GatedNorm, PreAffine, AbsorbSinks, GLU, Smooth, Hadamard)}
 
-__all__ = ["DEFAULT_RANK", "GLU", "RESIDUAL_READERS", "TRANSFORMS", "AbsorbSinks", "GatedNorm", "NormTransform",
+__all__ = ["DEFAULT_RANK", "GLU", "RESIDUAL_READERS", "Hadamard", "TRANSFORMS", "AbsorbSinks", "GatedNorm", "NormTransform",
            "PreAffine", "Smooth"]

@@ -168,6 +168,9 @@ class Smooth:
         if self.name in plan.applied:
             raise SurgeonError("smooth is given twice: one smooth pass per convert (a smoothed checkpoint can be "
                                "smoothed again later, e.g. after training, to recalibrate)")
+        if "hadamard" in plan.surgeon:
+            raise SurgeonError("smooth must come before hadamard: its scales are per channel of the unrotated inputs "
+                               "(convert with -t smooth -t hadamard, from a checkpoint without hadamard)")
         earlier = plan.surgeon.get(self.key)  # a smoothed checkpoint (e.g. trained since): this round recalibrates
         previous = read_factor_entries(plan.source.path) if earlier else {}
         points = self.points(plan)

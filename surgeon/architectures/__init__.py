@@ -12,7 +12,9 @@ the dense MLP of a MoE model's dense layers). Every layer must hold each writer 
 In every writer tensor the residual dimension is the output axis: axis -2 of a weight ((out, in) or
 (experts, out, in)), axis -1 of a bias. `mlp.activation_modules` names the modules whose `act_fn` is the MLP's
 activation (dense MLP, experts, shared expert). `norm_readers` names, per norm role, the linear layers that read
-that norm's output (the smooth pass rescales their input columns).
+that norm's output (the smooth pass rescales their input columns). `linear_inputs` groups the dense linear layers
+by the tensor they read (attention_in: q/k/v, attention_out: o, mlp_in: gate/up, mlp_out: down), for the hadamard
+pass; a family whose experts are fused parameters has none.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Architecture:
     mlp: dict = field(default_factory=dict)
     residual_writer_alternatives: dict[str, tuple[str, ...]] = field(default_factory=dict)
     norm_readers: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    linear_inputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, data: dict) -> "Architecture":
@@ -63,6 +66,7 @@ class Architecture:
                 k: tuple(v) for k, v in data.get("residual_writer_alternatives", {}).items()
             },
             norm_readers={k: tuple(v) for k, v in data.get("norm_readers", {}).items()},
+            linear_inputs={k: tuple(v) for k, v in data.get("linear_inputs", {}).items()},
         )
 
     def num_layers(self, config: dict) -> int:

@@ -1,7 +1,8 @@
 """surgeon convert SRC OUT --transform gated-norm [--transform pre-affine] [--rank 16] [--dtype] [--verify]
     --transform absorb-sinks [--sinks auto | 507,1234] [--scale auto | N] [--scan scan.json] [--data TEXT]
     --transform glu [--glu-alpha A]
-    --transform smooth --data TEXT [--smooth-alpha 0.5] [--smooth-tokens 8192]"""
+    --transform smooth --data TEXT [--smooth-alpha 0.5] [--smooth-tokens 8192]
+    --transform hadamard [--hadamard-groups attention_in,attention_out,mlp_in,mlp_out]"""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from rich.table import Table
 from rich.console import Console
 from ..errors import SurgeonError
 from ..transforms import DEFAULT_RANK, RESIDUAL_READERS, TRANSFORMS
+from ..transforms.hadamard import GROUPS as HADAMARD_GROUPS
 
 
 def add_parser(sub):
     p = sub.add_parser("convert", help="insert GatedNorm / PreAffine, absorb residual sinks, anneal SwiGLU → GLU, "
-                                       "fold SmoothQuant scales",
+                                       "fold SmoothQuant scales, rotate linear inputs (Hadamard)",
                        description=__doc__)
     p.add_argument("source", help="source: a Hugging Face model directory, a .gguf file (dequantized first), a hub "
                                   "id in the local cache, or 'default' (SmolLM2-135M)")
@@ -47,6 +49,9 @@ def add_parser(sub):
                         "(default %(default)s)")
     g.add_argument("--smooth-tokens", type=int, default=8192,
                    help="calibration tokens of --data (default %(default)s)")
+    g = p.add_argument_group("hadamard")
+    g.add_argument("--hadamard-groups", default=",".join(HADAMARD_GROUPS),
+                   help="the linear inputs rotated online, comma-separated (default: all, %(default)s)")
     g = p.add_argument_group("glu")
     g.add_argument("--glu-alpha", type=float, default=0.0,
                    help="α of act_α = (1−α)·silu + α·σ: 0 (default) keeps the function for annealing in training; "
@@ -80,6 +85,8 @@ def build_transforms(args) -> list:
             built.append(cls(data=args.data, alpha=args.smooth_alpha, tokens=args.smooth_tokens, progress=True))
         elif name == "glu":
             built.append(cls(alpha=args.glu_alpha))
+        elif name == "hadamard":
+            built.append(cls(groups=args.hadamard_groups))
         else:
             kwargs = {"roles": roles}
             if name == "gated-norm":

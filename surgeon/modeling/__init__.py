@@ -7,9 +7,12 @@ from .modeling_surgeon import (
     CLASSES,
     GLU_ACTIVATION,
     AnnealedGLUActivation,
+    HadamardInput,
     SurgeonRMSNorm,
     annealed_glu_reference,
+    block_hadamard_reference,
     gated_norm_reference,
+    hadamard_block,
     needs_surgeon_modules,
     register,
     rms_norm_reference,
@@ -21,7 +24,7 @@ from .modeling_surgeon import (
 MODELING_FILE = Path(__file__).with_name("modeling_surgeon.py")
 
 __all__ = [
-    "BASE_MODEL_TYPES", "CLASSES", "GLU_ACTIVATION", "MODELING_FILE", "AnnealedGLUActivation", "SurgeonRMSNorm",
-    "annealed_glu_reference", "gated_norm_reference", "needs_surgeon_modules", "register", "rms_norm_reference",
+    "BASE_MODEL_TYPES", "CLASSES", "GLU_ACTIVATION", "MODELING_FILE", "AnnealedGLUActivation", "HadamardInput",
+    "SurgeonRMSNorm", "annealed_glu_reference", "block_hadamard_reference", "gated_norm_reference", "hadamard_block", "needs_surgeon_modules", "register", "rms_norm_reference",
     "set_glu_alpha", "surgeon_model_type",
 ]

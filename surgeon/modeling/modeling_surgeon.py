@@ -10,6 +10,7 @@ definition both paths must match.
     GatedNorm    y = N(x);  out = y ⊙ σ(W_up · silu(W_down · y))
                  identity at W_up = 0 with λ doubled (σ(0) = ½; a power of two, exact in every float format)
     GLU anneal   act_α(z) = (1 − α)·silu(z) + α·σ(z)           silu at α = 0 (bit for bit), σ at α = 1
+    Hadamard     a linear reads x·H and stores W·H (H orthonormal, symmetric, block-diagonal): (x·H)(W·H)ᵀ = x·Wᵀ
 
 `config.surgeon` says which modules carry what: `{"gated_norm": {"rank": r, "targets": [...]},
 "pre_affine": {"targets": [...]}, "glu": {"alpha": α, "targets": [...]}}`, targets being module names with `*`
@@ -17,6 +18,10 @@ standing for a layer index (for "glu": the modules whose `act_fn` is the MLP act
 shared expert). α lives in the config and, in the model, in a non-persistent buffer of every annealed activation:
 a trainer moves it with `set_glu_alpha(model, α)`, which keeps the two in step, so a saved model says its α.
 A model whose `hidden_act` already is "sigmoid" (α = 1, exported) runs the stock activation.
+`{"hadamard": {"groups": {name: {"linears": [...], "block": b}}}}` names the linears whose input is rotated online
+by a block-diagonal Sylvester Hadamard matrix of block b (a forward pre-hook that runs before any other, so a
+quantizer or a probe hooked on the layer sees what the layer multiplies); the linears of one group read the same
+tensor (q/k/v, gate/up), which is rotated once per layer.
 
 MoE families: transformers 5 holds the experts fused ((experts, out, in) parameters) and converts per-expert
 checkpoints (`experts.N.down_proj.weight`, Mixtral's `block_sparse_moe.experts.N.w2.weight`) while loading, by a
@@ -60,6 +65,63 @@ def gated_norm_reference(x, weight, w_down, w_up, eps, pre_affine=None):
     y = rms_norm_reference(x, weight, eps, pre_affine)
     gate = torch.sigmoid(F.linear(F.silu(F.linear(y, w_down)), w_up))
     return y * gate
+
+
+def _sylvester(n: int) -> torch.Tensor:
+    """The n × n Sylvester Hadamard matrix (n a power of two) over √n: orthonormal and symmetric, so H⁻¹ = H."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(n)
+
+
+HADAMARD_FACTOR = 64  # a block above this is applied as a Kronecker product: H_ab = H_a ⊗ H_b (Sylvester)
+_HADAMARD_CACHE: dict = {}
+
+
+def _hadamard(n: int, like: torch.Tensor) -> torch.Tensor:
+    key = (n, like.dtype, like.device)
+    if key not in _HADAMARD_CACHE:
+        _HADAMARD_CACHE[key] = _sylvester(n).to(dtype=like.dtype, device=like.device)
+    return _HADAMARD_CACHE[key]
+
+
+def hadamard_block(d: int) -> int:
+    """The block of a rotated input of d features: the largest power of two dividing d."""
+    return d & -d
+
+
+def block_hadamard_reference(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x (…, d) with every block of `block` consecutive features multiplied by H_block; H is its own inverse.
+    A block above HADAMARD_FACTOR runs as H_(block/f) ⊗ H_f, two small matmuls instead of one of block² per row."""
+    if x.shape[-1] % block or block & (block - 1):
+        raise ValueError(f"surgeon: a Hadamard block of {block} does not tile {x.shape[-1]} features")
+    if block <= HADAMARD_FACTOR:
+        return (x.unflatten(-1, (-1, block)) @ _hadamard(block, x)).flatten(-2)
+    f = HADAMARD_FACTOR
+    y = x.unflatten(-1, (-1, block // f, f)) @ _hadamard(f, x)  # H_f along the fast index
+    y = block_hadamard_reference(y.transpose(-1, -2), block // f).transpose(-1, -2)  # H_(block/f) along the slow
+    return y.flatten(-3)
+
+
+class HadamardInput:
+    """Forward pre-hook rotating a linear layer's input; one instance serves the linears of a group in one layer,
+    which read the same tensor: it is rotated once, for the first of them, and reused by the others."""
+
+    def __init__(self, block: int, members: int):
+        self.block, self.members = block, members
+        self._seen = self._rotated = None
+        self._uses = 0
+
+    def __call__(self, module, args):
+        x = args[0]
+        if x is not self._seen or self._uses >= self.members:
+            self._seen, self._rotated, self._uses = x, block_hadamard_reference(x, self.block), 0
+        rotated = self._rotated
+        self._uses += 1
+        if self._uses >= self.members:  # every member has it: hold no activation between forwards
+            self._seen = self._rotated = None
+        return (rotated, *args[1:])
 
 
 _KERNELS = None
@@ -185,6 +247,33 @@ def install_norms(model: nn.Module, surgeon: dict) -> list[str]:
     return replaced
 
 
+def install_rotations(model: nn.Module, surgeon: dict) -> list[str]:
+    """A HadamardInput pre-hook (before any other hook) on every linear `surgeon["hadamard"]` names; returns them."""
+    groups = ((surgeon or {}).get("hadamard") or {}).get("groups") or {}
+    modules = dict(model.named_modules())
+    hooked = []
+    for group in groups.values():
+        patterns = [target_regex([p]) for p in group["linears"]]
+        per_layer: dict[tuple, list[str]] = {}  # one tensor read by the group's linears, per layer
+        for name in modules:
+            for regex in patterns:
+                match = regex.match(name)
+                if match:
+                    per_layer.setdefault(tuple(p for p in name.split(".") if p.isdigit()), []).append(name)
+        if not per_layer:
+            raise ValueError(f"surgeon: no module matches the Hadamard-rotated linears {group['linears']}")
+        for names in per_layer.values():
+            hook = HadamardInput(int(group["block"]), len(names))
+            for name in names:
+                module = modules[name]
+                if not isinstance(module, nn.Linear):
+                    raise ValueError(f"surgeon: Hadamard target {name!r} is not a linear layer")
+                module.register_forward_pre_hook(hook, prepend=True)
+                module.surgeon_hadamard_block = hook.block
+                hooked.append(name)
+    return hooked
+
+
 def _activation_key(glu: dict) -> str:
     return glu.get("activation_key", "hidden_act")
 
@@ -226,7 +315,7 @@ def needs_surgeon_modules(config: dict) -> bool:
     """Whether a config (as a dict) needs this file's modules, or is a stock family model (e.g. GLU at α = 1)."""
     surgeon = config.get("surgeon") or {}
     glu = surgeon.get("glu")
-    return bool(surgeon.get("gated_norm") or surgeon.get("pre_affine")
+    return bool(surgeon.get("gated_norm") or surgeon.get("pre_affine") or surgeon.get("hadamard")
                 or (glu and config.get(_activation_key(glu)) != GLU_ACTIVATION))
 
 
@@ -234,13 +323,14 @@ def needs_surgeon_modules(config: dict) -> bool:
 
 
 class SurgeonMixin:
-    """Builds the base family, then swaps in the norms and activations `config.surgeon` names. Nothing else
-    differs."""
+    """Builds the base family, then swaps in the norms and activations `config.surgeon` names and hooks the
+    Hadamard rotations onto its linears. Nothing else differs."""
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         for name in install_norms(self, getattr(config, "surgeon", None)) + install_activations(self, config):
             self._init_weights(self.get_submodule(name))
+        install_rotations(self, getattr(config, "surgeon", None))
 
     def initialize_weights(self):
         """transformers initializes the inner base model with the base family's `_init_weights`, which does not
