@@ -40,14 +40,14 @@ pytestmark = pytest.mark.usefixtures("restore_environment")
 
 
 def test_rescaled_adamw_steps_the_unscaled_weights_exactly():
-    from surgeon.train.coordinates import RescaledAdamW
+    from surgeon.train.coordinates import RescaledAdamW, ToSource
 
     g = torch.Generator().manual_seed(0)
     u = torch.randn(6, 8, generator=g)
     m = torch.exp2(torch.randint(-6, 7, (1, 8), generator=g).float())  # per input channel, as smooth records
     plain, rescaled = torch.nn.Parameter(u.clone()), torch.nn.Parameter(u * m)
     opt_u = torch.optim.AdamW([plain], lr=1e-2, weight_decay=0.1)
-    opt_w = RescaledAdamW([rescaled], factors={rescaled: m}, lr=1e-2, weight_decay=0.1)
+    opt_w = RescaledAdamW([rescaled], maps={rescaled: ToSource(m)}, lr=1e-2, weight_decay=0.1)
     for _ in range(3):
         x = torch.randn(5, 8, generator=g)
         for p, opt, inputs in ((plain, opt_u, x), (rescaled, opt_w, x / m)):
@@ -58,10 +58,34 @@ def test_rescaled_adamw_steps_the_unscaled_weights_exactly():
     assert not torch.equal(plain.detach(), u)
 
 
+def test_rescaled_adamw_steps_the_unrotated_weights():
+    """w = (u ⊙ m)·H (smooth, then hadamard): the steps on w are AdamW's steps on u, up to the rounding of H."""
+    from surgeon.modeling import block_hadamard_reference as rotate
+    from surgeon.train.coordinates import RescaledAdamW, ToSource
+
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(6, 16, generator=g)
+    m = torch.exp2(torch.randint(-6, 7, (1, 16), generator=g).float())
+    plain, stored = torch.nn.Parameter(u.clone()), torch.nn.Parameter(rotate(u * m, 8))
+    opt_u = torch.optim.AdamW([plain], lr=1e-2, weight_decay=0.1)
+    opt_w = RescaledAdamW([stored], maps={stored: ToSource(m, 8)}, lr=1e-2, weight_decay=0.1)
+    naive = torch.nn.Parameter(rotate(u * m, 8))
+    opt_n = torch.optim.AdamW([naive], lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        x = torch.randn(5, 16, generator=g)
+        for p, opt, inputs in ((plain, opt_u, x), (stored, opt_w, rotate(x / m, 8)), (naive, opt_n, rotate(x / m, 8))):
+            opt.zero_grad()
+            (inputs @ p.T).pow(2).sum().backward()
+            opt.step()
+        expected = rotate(plain.detach() * m, 8)
+        assert torch.allclose(stored.detach(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
+    assert not torch.allclose(naive.detach(), expected, rtol=1e-3, atol=1e-3 * expected.abs().max())
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     from surgeon.convert import convert
-    from surgeon.transforms import GatedNorm, Smooth
+    from surgeon.transforms import GatedNorm, Hadamard, Smooth
 
     root = tmp_path_factory.mktemp("coordinates")
     make_tiny(root / "src", "llama")
@@ -69,6 +93,7 @@ def models(tmp_path_factory):
     convert(root / "src", root / "gated", [GatedNorm(rank=4)], show_progress=False)
     convert(root / "gated", root / "smoothed", [Smooth(data=root / "text.txt", tokens=512, seq_len=32)],
             show_progress=False)
+    convert(root / "smoothed", root / "rotated", [Hadamard()], show_progress=False)  # the factors come along
     (root / "recipe.yaml").write_text(RECIPE)
     (root / "recipe-source.yaml").write_text(RECIPE + "optimizer_coordinates: source\n")
     return root
@@ -80,8 +105,9 @@ def _trained(root: Path, model: str, recipe: str, name: str) -> tuple[list[float
     from surgeon.train.loop import train
 
     run = root / name
-    train(root / model, root / "text.txt", run, recipe=root / recipe, show_progress=False)
-    export(run, root / f"{name}-model", show_progress=False)
+    if not run.exists():  # one run per name in the module (tests share the unsmoothed one)
+        train(root / model, root / "text.txt", run, recipe=root / recipe, show_progress=False)
+        export(run, root / f"{name}-model", show_progress=False)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["lm"] for r in records if "lm" in r]
     ckpt = Checkpoint(root / f"{name}-model")
@@ -104,6 +130,29 @@ def test_source_coordinates_take_the_unsmoothed_runs_steps(models):
     assert any(not torch.equal(stored[n], source[n]) for n in factors)  # the stored coordinates train otherwise
     assert (models / "source-model" / FACTORS_FILE).is_file()  # export keeps the way back to the source
     assert losses_w[0] == losses_u[0]  # same model, same first batch
+
+
+def test_source_coordinates_undo_smooth_and_hadamard(models):
+    """Smoothed, then rotated: the run in the source's coordinates follows the unsmoothed, unrotated run (up to the
+    rounding of H), and its weights are (that run's weights ⊙ m)·H."""
+    from surgeon.modeling import block_hadamard_reference as rotate
+    from surgeon.transforms.hadamard import rotated_blocks
+    from surgeon.transforms.smooth import FACTORS_FILE, load_factors
+
+    assert (models / "rotated" / FACTORS_FILE).is_file()
+    losses_u, unsmoothed = _trained(models, "gated", "recipe.yaml", "unsmoothed")
+    losses_r, rotated = _trained(models, "rotated", "recipe-source.yaml", "rotated-source")
+    assert torch.allclose(torch.tensor(losses_r), torch.tensor(losses_u), rtol=1e-4)
+    factors = load_factors(models / "smoothed", {n: t.shape for n, t in unsmoothed.items()})
+    blocks = rotated_blocks(json.loads((models / "rotated" / "config.json").read_text())["surgeon"], unsmoothed)
+    assert len(blocks) == 2 * 7
+    for name, u in unsmoothed.items():
+        expected = u * factors.get(name, 1)
+        if name in blocks:
+            expected = rotate(expected, blocks[name])
+        assert torch.allclose(rotated[name], expected, rtol=1e-4, atol=1e-5 * expected.abs().max()), name
+    _, naive = _trained(models, "rotated", "recipe.yaml", "rotated-stored")
+    assert any(not torch.allclose(naive[n], rotated[n], rtol=1e-3, atol=1e-4) for n in blocks)
 
 
 def test_refused_without_factors_or_with_zero_above_0(models, tmp_path, capsys):

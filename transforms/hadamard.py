@@ -21,7 +21,8 @@ read one tensor, rotated once.
 The function is the same up to float rounding (H is not a power of two): the weights are rotated in float64 and
 rounded once to their dtype; fp32 logits move by ~1e-6 relative (--verify's 1e-5 holds). Order with smooth: smooth
 first (its scales and recorded factors are per channel of the unrotated input); smooth on a rotated model is
-refused. A smoothed model's factors file stays as smooth wrote it: stored = (source ⊙ m)·H, which training in the
+refused. A smoothed model's factors file stays as smooth wrote it (and comes along when smooth ran in an earlier convert):
+stored = (source ⊙ m)·H, which training in the
 source's coordinates undoes (surgeon.train.coordinates). Dense families only (MoE experts are fused parameters).
 
 Invariant (tests/test_hadamard.py): logits equal the source's within fp32 rounding on every dense family; every
@@ -38,6 +39,7 @@ import torch
 from surgeon.errors import SurgeonError
 from surgeon.modeling import block_hadamard_reference, hadamard_block
 from surgeon.plan import Plan
+from surgeon.transforms.smooth import FACTORS_FILE, FACTORS_FORMAT, read_factor_entries
 
 GROUPS = ("attention_in", "attention_out", "mlp_in", "mlp_out")
 
@@ -94,6 +96,11 @@ class Hadamard:
                 for module in plan.expand(pattern):
                     plan.rewrite(f"{module}.weight", lambda t, b=block: rotate_weight(t, b))
             record[group] = {"linears": patterns, "block": block, "features": width}
+        if "smooth" in plan.surgeon and FACTORS_FILE not in plan.side_tensors:
+            # smoothed by an earlier convert: its factors still lead back to the source (rotation composes, below)
+            entries = read_factor_entries(plan.source.path)
+            if entries is not None:
+                plan.side_tensors[FACTORS_FILE] = (entries, {"format": FACTORS_FORMAT})
         plan.surgeon[self.key] = {"groups": record, "targets": [p for g in record.values() for p in g["linears"]]}
         plan.surgeon.setdefault("transforms", []).append(self.name)
         plan.applied.append(self.name)

@@ -12,17 +12,49 @@ gradient back. m is a power of two, so every conversion is exact and the weights
 ones: checkpoints, evaluation, QAT and export see nothing different. Gradient clipping (DeepSpeed's, before the
 step) sees ∂L/∂w.
 
+A rotated linear (the hadamard pass) stores w = (u ⊙ m)·H, H its block Hadamard (orthonormal, H⁻¹ = H): then
+u = (w·H) / m and ∂L/∂u = m ⊙ (∂L/∂w·H), and back w = (u ⊙ m)·H. H is not a power of two, so these conversions
+round (~1e-7 relative a step, in fp32) where the smooth factors alone are exact. AdamW's step is not rotation
+invariant (its second moment is per element), so without this a rotated linear would train differently from its
+source.
+
 It needs an optimizer that steps the module's own parameters: ZeRO stage 0 in fp32, i.e. on CPU. Stages 1–3 and
 bf16 step flattened master copies; `check_supported` refuses them before anything runs.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import torch
 
 from ..errors import SurgeonError
+from ..modeling import block_hadamard_reference
 
 COORDINATES = ("stored", "source")
+
+
+@dataclass(frozen=True)
+class ToSource:
+    """How a stored weight w relates to its source u: w = (u ⊙ factor)·H_block (factor None: 1; block None: no H)."""
+
+    factor: torch.Tensor | None = None
+    block: int | None = None
+
+
+def source_maps(model_dir: str | os.PathLike) -> dict[str, ToSource]:
+    """{tensor name: ToSource} of a converted model: smooth's recorded factors and hadamard's rotations; empty when
+    the stored weights are the source's."""
+    from surgeon.io import Checkpoint
+    from surgeon.transforms.hadamard import rotated_blocks
+    from surgeon.transforms.smooth import load_factors
+
+    ckpt = Checkpoint(model_dir)
+    block = ckpt.config.get("surgeon") or {}
+    factors = load_factors(model_dir, {n: t.shape for n, t in ckpt.tensors.items()}) if "smooth" in block else {}
+    blocks = rotated_blocks(block, ckpt.tensors)
+    return {n: ToSource(factors.get(n), blocks.get(n)) for n in {**factors, **blocks}}
 
 
 def check_supported(coordinates: str, zero_stage: int, gpu: bool) -> None:
@@ -35,26 +67,41 @@ def check_supported(coordinates: str, zero_stage: int, gpu: bool) -> None:
                            "optimizer_coordinates: stored")
 
 
-class RescaledAdamW(torch.optim.AdamW):
-    """torch AdamW whose steps on the parameters in `factors` ({parameter: m}) are AdamW steps on w / m."""
+def _rotate(t: torch.Tensor, block: int | None) -> None:
+    if block:
+        t.copy_(block_hadamard_reference(t, block))
 
-    def __init__(self, params, *, factors: dict[torch.nn.Parameter, torch.Tensor], **kwargs):
+
+class RescaledAdamW(torch.optim.AdamW):
+    """torch AdamW whose steps on the parameters in `maps` ({parameter: ToSource}) are AdamW steps on their source
+    coordinates u (w = (u ⊙ m)·H)."""
+
+    def __init__(self, params, *, maps: dict[torch.nn.Parameter, ToSource], **kwargs):
         super().__init__(params, **kwargs)
         mine = {id(p) for group in self.param_groups for p in group["params"]}
-        self._factors = [(p, m.to(device=p.device, dtype=p.dtype)) for p, m in factors.items() if id(p) in mine]
+        self._maps = [(p, None if t.factor is None else t.factor.to(device=p.device, dtype=p.dtype), t.block)
+                      for p, t in maps.items() if id(p) in mine]
 
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:
             raise SurgeonError("RescaledAdamW does not take a closure")
-        for p, m in self._factors:
-            p.div_(m)
+        for p, m, block in self._maps:  # u = (w·H) / m, ∂L/∂u = m ⊙ (∂L/∂w·H)
+            _rotate(p, block)
+            if m is not None:
+                p.div_(m)
             if p.grad is not None:
-                p.grad.mul_(m)
+                _rotate(p.grad, block)
+                if m is not None:
+                    p.grad.mul_(m)
         try:
             return super().step()
         finally:
-            for p, m in self._factors:
-                p.mul_(m)
+            for p, m, block in self._maps:  # w = (u ⊙ m)·H, and the gradient back
+                if m is not None:
+                    p.mul_(m)
+                _rotate(p, block)
                 if p.grad is not None:
-                    p.grad.div_(m)
+                    if m is not None:
+                        p.grad.div_(m)
+                    _rotate(p.grad, block)

@@ -131,21 +131,22 @@ def lr_factor(step: int, *, steps: int, warmup: int, min_ratio: float, start: in
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: torch.nn.Module, recipe: Recipe, factors: dict[str, torch.Tensor] | None = None):
-    """AdamW and its schedule; with `factors` ({parameter name: m}), the steps of those parameters are taken on
-    w / m (surgeon.train.coordinates)."""
+def build_optimizer(model: torch.nn.Module, recipe: Recipe, maps: dict | None = None):
+    """AdamW and its schedule; with `maps` ({parameter name: ToSource}), the steps of those parameters are taken in
+    their source's coordinates (surgeon.train.coordinates)."""
     groups = parameter_groups(model, recipe)
     if not groups:
         raise SurgeonError("the model has no trainable parameters")
     settings = dict(lr=recipe.lr, betas=recipe.betas, eps=recipe.eps)
-    if factors:
+    if maps:
         from .coordinates import RescaledAdamW
 
         by_name = dict(model.named_parameters())
-        absent = [n for n in factors if n not in by_name]
+        absent = [n for n in maps if n not in by_name]
         if absent:
-            raise SurgeonError(f"the smooth factors name {absent[0]!r}, which is not a parameter of the model")
-        optimizer = RescaledAdamW(groups, factors={by_name[n]: m for n, m in factors.items()}, **settings)
+            raise SurgeonError(f"the smooth factors or hadamard rotations name {absent[0]!r}, which is not a "
+                               "parameter of the model")
+        optimizer = RescaledAdamW(groups, maps={by_name[n]: m for n, m in maps.items()}, **settings)
     else:
         optimizer = torch.optim.AdamW(groups, **settings)
     factors = []
@@ -166,12 +167,11 @@ class _Factor:
         return lr_factor(step, steps=self.steps, warmup=self.warmup, min_ratio=self.min_ratio, start=self.start)
 
 
-def initialize(model: torch.nn.Module, recipe: Recipe, ds_config: dict, world: int,
-               factors: dict[str, torch.Tensor] | None = None):
+def initialize(model: torch.nn.Module, recipe: Recipe, ds_config: dict, world: int, maps: dict | None = None):
     """(engine, optimizer, scheduler) of a DeepSpeed engine around `model`."""
     import deepspeed
 
-    optimizer, scheduler = build_optimizer(model, recipe, factors)
+    optimizer, scheduler = build_optimizer(model, recipe, maps)
     config = finish_ds_config(ds_config, recipe, world)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=config, dist_init_required=False)

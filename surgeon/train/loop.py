@@ -40,6 +40,7 @@ from ..errors import SurgeonError
 from ..sources import load_model, resolve_model, resolve_text
 from . import engine as ds
 from .coordinates import check_supported as check_coordinates
+from .coordinates import source_maps
 from .data import WindowStream
 from .objectives import ObjectiveConfig, Objectives
 from .recipe import Recipe, load_recipe
@@ -169,14 +170,7 @@ def train(model: str | os.PathLike, data: str | os.PathLike | list, run_dir: str
     paths = resolve_text(data)
     model_dir = resolve_model(model, trust_remote_code=trust_remote_code)
     sink_dims = _sink_dims_of(model_dir, scan)
-    factors = None
-    if recipe.optimizer_coordinates == "source":
-        from surgeon.io import Checkpoint
-        from surgeon.transforms.smooth import load_factors
-
-        ckpt = Checkpoint(model_dir)
-        if "smooth" in (ckpt.config.get("surgeon") or {}):  # never smoothed: the stored weights are the source's
-            factors = load_factors(model_dir, {n: t.shape for n, t in ckpt.tensors.items()})
+    maps = source_maps(model_dir) if recipe.optimizer_coordinates == "source" else None
     _check_run_dir(run_dir, resume)
     objective_cfg = ObjectiveConfig(**recipe.objectives)
 
@@ -194,7 +188,7 @@ def train(model: str | os.PathLike, data: str | os.PathLike | list, run_dir: str
     stream = WindowStream(paths, tokenizer, recipe.seq_len, heldout_every=recipe.heldout_every, seed=recipe.seed,
                           shuffle_windows=recipe.shuffle_windows)
     heldout = stream.heldout(recipe.eval_windows, recipe.batch_size)
-    engine, _, _ = ds.initialize(net, recipe, ds_config, world, factors)
+    engine, _, _ = ds.initialize(net, recipe, ds_config, world, maps)
 
     checkpoints = run_dir / CHECKPOINTS
     metrics_path = run_dir / METRICS
