@@ -1,15 +1,20 @@
 #!/usr/bin/env python
-"""End-to-end cost of the GatedNorm gates in one training step, on the CPU.
+"""End-to-end cost of the GatedNorm gates, and of the hadamard pass's online rotations, in one training step, on
+the CPU.
 
 A SmolLM2-135M-shaped Llama (hidden 576, intermediate 1536, 30 layers, 9 heads / 3 KV heads, vocab 49152, tied
 embeddings) with random weights, twice:
     source     stock transformers LlamaForCausalLM
     converted  surgeon's SurgeonLlamaForCausalLM with a rank-16 GatedNorm on the three norms that read the
                residual stream (input_layernorm, post_attention_layernorm, model.norm), same base weights
+    rotated    converted + the hadamard pass: every q/k/v, o, gate/up and down_proj weight times its block Hadamard
+               matrix (blocks of 64; 512 for down_proj's 1536 inputs), and each layer's input multiplied by it online
 Both take the same batch; a step is forward (loss) + backward + AdamW step, timed phase by phase, the two models
 interleaved step by step so machine load drifts hit both alike. The norms run through surgeon.kernels with
 backend="auto" (the torch reference on a CPU) unless --backend says otherwise. The gates add
-61 · 2 · 16 · 576 ≈ 1.1 M parameters (0.8 %) and, per token and gated norm, 4·r·d multiply-adds.
+61 · 2 · 16 · 576 ≈ 1.1 M parameters (0.8 %) and, per token and gated norm, 4·r·d multiply-adds; the rotations
+add no parameter and, per token and layer, 3 · 576 · 64 + 1536 · (16 + 32) ≈ 184 k multiply-adds (q/k/v and
+gate/up share theirs; the layer's linears: 3.5 M).
 
     python benchmarks/bench_gate_cost.py                     # 2 × 256 tokens, 5 timed steps
     python benchmarks/bench_gate_cost.py --layers 8 --steps 2
@@ -31,6 +36,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from surgeon import kernels
 from surgeon.modeling import CLASSES
+from surgeon.transforms.hadamard import rotate_weight
 
 from results_csv import append_rows  # benchmarks/, the script's own folder
 
@@ -43,6 +49,15 @@ def smollm2_config(layers):
     return dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
                 num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True,
                 max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=100000.0)
+
+
+def hadamard_block_config(layers):
+    """The surgeon block the hadamard pass writes for this shape (surgeon/architectures/llama.json's groups)."""
+    import json
+
+    arch = json.loads((Path(__file__).resolve().parent.parent / "surgeon" / "architectures" / "llama.json").read_text())
+    width = {"attention_in": 576, "attention_out": 576, "mlp_in": 576, "mlp_out": 1536}
+    return {g: {"linears": arch["linear_inputs"][g], "block": w & -w} for g, w in width.items()}
 
 
 def build(layers, rank):
@@ -59,7 +74,14 @@ def build(layers, rank):
         for module in converted.modules():
             if getattr(module, "gate_rank", 0):
                 module.weight.mul_(2)
-    return source, converted
+    rotated = model_cls(cfg_cls(**smollm2_config(layers), surgeon={
+        "gated_norm": {"rank": rank, "targets": GATED_TARGETS}, "hadamard": {"groups": hadamard_block_config(layers)}}))
+    rotated.load_state_dict(converted.state_dict())
+    with torch.no_grad():  # W ← W·H where the model reads x·H: the same function again
+        for module in rotated.modules():
+            if getattr(module, "surgeon_hadamard_block", 0):
+                module.weight.copy_(rotate_weight(module.weight, module.surgeon_hadamard_block))
+    return source, converted, rotated
 
 
 def timed_step(model, opt, batch):
@@ -90,12 +112,12 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     console = Console(width=None if sys.stdout.isatty() else 120)
-    source, converted = build(args.layers, args.rank)
+    source, converted, rotated = build(args.layers, args.rank)
     n_source = sum(p.numel() for p in source.parameters())
     n_converted = sum(p.numel() for p in converted.parameters())
     batch = torch.randint(0, 49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     models = {name: (m, torch.optim.AdamW(m.parameters(), lr=1e-4)) for name, m in
-              (("source", source), ("converted", converted))}
+              (("source", source), ("converted", converted), ("rotated", rotated))}
     console.print(f"SmolLM2-135M shape, {args.layers} layers, batch {args.batch}×{args.seq}, {args.threads} thread(s), "
                   f"norm backend {args.backend!r}; parameters {n_source / 1e6:.2f} M → {n_converted / 1e6:.2f} M "
                   f"(+{(n_converted - n_source) / 1e6:.3f} M, {100 * (n_converted / n_source - 1):.2f} %)")
@@ -115,31 +137,34 @@ def main(argv=None):
     # Median and best-of: on a shared machine the minimum is the steadier estimate of what a step costs.
     med = {name: {phase: statistics.median(ts) for phase, ts in per.items()} for name, per in times.items()}
     best = {name: {phase: min(ts) for phase, ts in per.items()} for name, per in times.items()}
-    table = Table(title=f"gate cost per training step ({args.steps} timed steps each)")
-    for col in ("phase", "source s (median)", "converted s (median)", "ratio (median)", "source s (min)",
-                "converted s (min)", "ratio (min)"):
+    table = Table(title=f"gate and rotation cost per training step ({args.steps} timed steps each; ratios to source)")
+    for col in ("phase", "source s (median)", "converted s (median)", "ratio (median)", "rotated s (median)",
+                "ratio (median)", "converted ratio (min)", "rotated ratio (min)"):
         table.add_column(col, justify="left" if col == "phase" else "right")
     for phase in PHASES:
-        s, c = med["source"][phase], med["converted"][phase]
-        bs, bc = best["source"][phase], best["converted"][phase]
-        table.add_row(phase, f"{s:.3f}", f"{c:.3f}", f"{c / s:.3f}×", f"{bs:.3f}", f"{bc:.3f}", f"{bc / bs:.3f}×")
+        s, c, r = (med[m][phase] for m in models)
+        bs, bc, br = (best[m][phase] for m in models)
+        table.add_row(phase, f"{s:.3f}", f"{c:.3f}", f"{c / s:.3f}×", f"{r:.3f}", f"{r / s:.3f}×", f"{bc / bs:.3f}×",
+                      f"{br / bs:.3f}×")
     console.print(table)
     tokens = args.batch * args.seq
     console.print(f"throughput: source {tokens / med['source']['step']:.0f} tok/s, converted "
-                  f"{tokens / med['converted']['step']:.0f} tok/s; the gates cost "
-                  f"{100 * (med['converted']['step'] / med['source']['step'] - 1):+.1f} % per step")
+                  f"{tokens / med['converted']['step']:.0f} tok/s, rotated {tokens / med['rotated']['step']:.0f} tok/s; "
+                  f"the gates cost {100 * (med['converted']['step'] / med['source']['step'] - 1):+.1f} % per step, "
+                  f"the rotations {100 * (med['rotated']['step'] / med['converted']['step'] - 1):+.1f} % more")
 
     if not args.no_csv:
         stamp = datetime.datetime.now().isoformat(timespec="seconds")
         rows = []
         for phase in PHASES:
-            s, c = med["source"][phase], med["converted"][phase]
-            bs, bc = best["source"][phase], best["converted"][phase]
+            s, c, r = (med[m][phase] for m in models)
+            bs, bc, br = (best[m][phase] for m in models)
             rows.append([stamp, args.layers, args.batch, args.seq, args.rank, args.threads, args.backend, args.steps,
                          phase, round(s, 4), round(c, 4), round(c / s, 4), round(bs, 4), round(bc, 4),
-                         round(bc / bs, 4)])
+                         round(bc / bs, 4), round(r, 4), round(r / s, 4), round(br, 4), round(br / bs, 4)])
         append_rows(RESULTS, ["timestamp", "layers", "batch", "seq", "rank", "threads", "backend", "steps", "phase",
-                              "source_s", "converted_s", "ratio", "source_min_s", "converted_min_s", "ratio_min"], rows)
+                              "source_s", "converted_s", "ratio", "source_min_s", "converted_min_s", "ratio_min",
+                              "rotated_s", "rotated_ratio", "rotated_min_s", "rotated_ratio_min"], rows)
         console.print(f"appended to {RESULTS}")
     return 0
 

@@ -212,6 +212,10 @@ def write_manifest(out: Path, report: ConvertReport, config: dict) -> None:
         low, high = block["smooth"]["log2_scale_range"]
         lines.append(f"| smoothed (SmoothQuant folded in), α | {block['smooth']['alpha']:g}: "
                      f"{block['smooth']['points']} points, scales 2^{low}…2^{high} |")
+    if "hadamard" in block:
+        groups = block["hadamard"]["groups"]
+        lines.append("| Hadamard-rotated linear inputs (online) | "
+                     + ", ".join(f"{g} (blocks of {v['block']})" for g, v in groups.items()) + " |")
     if "glu" in block:
         lines.append(f"| SwiGLU → GLU, α | {block['glu']['alpha']:g} |")
     if report.verify:

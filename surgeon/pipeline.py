@@ -1,5 +1,5 @@
 """The main job, stage by stage: scan the source → convert (GatedNorm, PreAffine, the scanned residual sinks
-absorbed into PreAffine, SmoothQuant scales folded into the weights; verified) → scan the result → continued
+absorbed into PreAffine, SmoothQuant scales folded into the weights, the linear inputs Hadamard-rotated; verified) → scan the result → continued
 pretraining with the tuned recipe → export → scan and evaluate the export → a markdown report with the tables
 and plots, source, converted and trained side by side (perplexity, NVFP4 and INT4 W4A4).
 
@@ -29,7 +29,7 @@ from .progress import console, progress_bar
 from .quant import smoothquant_scales
 from .scan import ScanReport, scan
 from .sources import iter_token_windows, load_model, resolve_model, resolve_text
-from .transforms import AbsorbSinks, GatedNorm, PreAffine, Smooth
+from .transforms import AbsorbSinks, GatedNorm, Hadamard, PreAffine, Smooth
 
 EVAL_FORMATS = ("nvfp4", "int4")
 # SmoothQuant's α for the smooth pass: on the converted SmolLM2, INT4 W4A4 perplexity at step 0 (held-out windows of
@@ -45,6 +45,7 @@ class PipelineConfig:
     data: str = "default"
     rank: int = 16
     smooth_alpha: float | None = SMOOTH_PASS_ALPHA  # α of the smooth pass (on the training text); None: no pass
+    hadamard: bool = True  # rotate every dense linear's input online (after smooth)
     scan_tokens: int = 4096
     seq_len: int = 256
     eval_windows: int = 8
@@ -127,6 +128,8 @@ def run(cfg: PipelineConfig, out: str | Path, *, force: bool = False) -> Pipelin
             passes.append(AbsorbSinks(scan=tmp / "scan-source" / "scan.json"))
         if cfg.smooth_alpha is not None:  # calibrated on the training text: the evaluation text stays unseen
             passes.append(Smooth(data=train_paths, alpha=cfg.smooth_alpha, seq_len=cfg.seq_len, progress=True))
+        if cfg.hadamard:
+            passes.append(Hadamard())
         console.rule(f"[bold]2/{stages} convert[/] {' + '.join(p.name for p in passes)}, verified")
         converted = tmp / DIRS["converted"]
         report = convert(source, converted, passes, verify=True)
@@ -189,6 +192,13 @@ def _smoothed(block: dict) -> str:
             f"scales 2^{low}…2^{high}")
 
 
+def _rotated(block: dict) -> str:
+    groups = (block.get("hadamard") or {}).get("groups")
+    if not groups:
+        return ""
+    return "; inputs of " + ", ".join(f"{g} (blocks of {v['block']})" for g, v in groups.items()) + " Hadamard-rotated"
+
+
 def _format_label(fmt: str) -> str:
     return fmt.removesuffix("+sq").upper() + " W4A4" + (" +SQ" if fmt.endswith("+sq") else "")
 
@@ -228,7 +238,7 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
         f"# surgeon main job: {cfg.model}", "",
         f"Model `{cfg.model}` ({conversion.family}, {conversion.params_before:,} parameters), text `{cfg.data}`. "
         f"Converted with {', '.join(conversion.transforms)} (rank {cfg.rank}{_absorbed(surgeon)}"
-        f"{_smoothed(surgeon)}): "
+        f"{_smoothed(surgeon)}{_rotated(surgeon)}): "
         f"+{conversion.params_after - conversion.params_before:,} parameters; verified max |Δlogit| "
         f"{result.verify['max_abs_diff']:.3g} over {result.verify['tokens']} tokens.", "",
     ]
@@ -238,7 +248,7 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
                   f"tokens/s, {tr['seconds'] / 60:.1f} min) with recipe `{cfg.recipe}`: "
                   f"{_objectives_text(tr['objectives'])}; lr {tr['recipe']['lr']:g} (pretrained), "
                   f"{tr['recipe']['lr_new']:g} (gates, PreAffine)"
-                  + ("; AdamW stepping the unsmoothed weights (optimizer_coordinates: source)"
+                  + ("; AdamW stepping the source's weights, unsmoothed and unrotated (optimizer_coordinates: source)"
                      if tr["recipe"].get("optimizer_coordinates") == "source" else "")
                   + f". Exported to `{DIRS['trained']}/`.", ""]
     if text.get("overlap"):
@@ -296,6 +306,11 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
                  "sit in the weights, where INT4's groups of 32 take them. " if smooth else
                  "Activation quantization sees the same values (NVFP4's FP8 block scales are relative to one scale "
                  "per tensor, so the shrunken rows lose a little precision). ")
+              + ("The hadamard pass multiplies every q/k/v, o, gate/up and down_proj weight by a block-diagonal "
+                 "Hadamard matrix H on its input side, and the model multiplies the layer's input by H as it runs "
+                 "(H·H = 1: the same function up to float rounding): a channel that spikes in one token is spread "
+                 "over its block, so INT4's one scale per token no longer rounds that token's other channels to "
+                 "zero. " if "hadamard" in surgeon else "")
               + "What is left of the outliers in the linear inputs is what the continued pretraining has to train "
               "away.", "", "## Plots", ""]
     for label in labels:

@@ -74,6 +74,16 @@ def test_sylvester_matches_the_formula():
         y = modeling_surgeon.block_hadamard_reference(x, block)
         assert torch.allclose(y, x @ block_diagonal(1536, block), rtol=0, atol=1e-12)
         assert torch.allclose(modeling_surgeon.block_hadamard_reference(y, block), x, rtol=0, atol=1e-12)  # H⁻¹ = H
+    for n in (4096, 16384):  # the largest two-matmul block, and the recursion above it: rows j of H, by formula
+        j = torch.tensor([0, 1, 5, n // 3, n - 1])
+        basis = torch.zeros(len(j), n, dtype=torch.float64)
+        basis[torch.arange(len(j)), j] = 1.0
+        rows = modeling_surgeon.block_hadamard_reference(basis, n)
+        bits, parity = torch.bitwise_and(j[:, None], torch.arange(n)[None, :]), torch.zeros(len(j), n, dtype=torch.long)
+        while bool(bits.any()):
+            parity ^= bits & 1
+            bits = bits >> 1
+        assert torch.allclose(rows, (1 - 2 * parity).double() / math.sqrt(n), rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="does not tile"):
         modeling_surgeon.block_hadamard_reference(x, 1024)
 

@@ -44,6 +44,7 @@ def describe(path) -> dict:
                            for e in (block.get("absorb_sinks") or {}).get("sinks", [])],
         "glu_alpha": (block.get("glu") or {}).get("alpha"),
         "smooth": block.get("smooth"),
+        "hadamard": {g: v["block"] for g, v in ((block.get("hadamard") or {}).get("groups") or {}).items()},
         "source_sha256": block.get("source_sha256"),
     }
 
@@ -73,6 +74,8 @@ def run(args) -> int:
         low, high = sm["log2_scale_range"]
         table.add_row("smoothed", f"α {sm['alpha']:g}, {sm['points']} points, scales 2^{low}…2^{high} "
                                   f"({sm['calibration_tokens']:,} calibration tokens)")
+    if info["hadamard"]:
+        table.add_row("Hadamard-rotated inputs", ", ".join(f"{g} (blocks of {b})" for g, b in info["hadamard"].items()))
     if info["glu_alpha"] is not None:
         table.add_row("GLU α", f"{info['glu_alpha']:g} (0 = SwiGLU, 1 = GLU)")
     Console().print(table)

@@ -1,5 +1,5 @@
 """surgeon pipeline [--model default] [--data default] --out DIR: the main job — scan the source, convert it
-(GatedNorm + PreAffine + absorb-sinks + smooth, verified), scan the result, train it with the tuned recipe, export it,
+(GatedNorm + PreAffine + absorb-sinks + smooth + hadamard, verified), scan the result, train it with the tuned recipe, export it,
 evaluate source, converted and trained side by side (fp32, NVFP4 and INT4 W4A4), write report.md."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ def add_parser(sub):
     p.add_argument("--smooth-alpha", type=float, default=d.smooth_alpha,
                    help="α of the smooth pass (SmoothQuant folded into the weights; %(default)s)")
     p.add_argument("--no-smooth", action="store_true", help="convert without the smooth pass")
+    p.add_argument("--no-hadamard", action="store_true", help="convert without the hadamard pass (online rotations)")
     p.add_argument("--scan-tokens", type=int, default=d.scan_tokens, help="calibration tokens (%(default)s)")
     p.add_argument("--eval-windows", type=int, default=d.eval_windows, help="evaluation windows (%(default)s)")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per window (%(default)s)")
@@ -39,6 +40,6 @@ def run(args) -> int:
     cfg = PipelineConfig(model=args.model, data=args.data, rank=args.rank, scan_tokens=args.scan_tokens,
                          eval_windows=args.eval_windows, seq_len=args.seq_len, eval_files=args.eval_files,
                          recipe=args.recipe, train_steps=args.train_steps, train=not args.no_train,
-                         smooth_alpha=None if args.no_smooth else args.smooth_alpha)
+                         smooth_alpha=None if args.no_smooth else args.smooth_alpha, hadamard=not args.no_hadamard)
     run_pipeline(cfg, args.out, force=args.force)
     return 0

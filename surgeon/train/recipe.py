@@ -10,9 +10,9 @@
     freeze_base_steps                     the pretrained group's lr is 0 for the first K steps (its warmup follows)
     grad_clip                             global gradient-norm clip (0 = off)
     optimizer_coordinates                 stored (default): AdamW steps the weights as stored; source: on a model
-                                          converted with smooth, its steps are taken on the unsmoothed weights
-                                          (surgeon.train.coordinates; ZeRO stage 0, fp32); on a model never
-                                          smoothed the two are the same
+                                          converted with smooth and/or hadamard, its steps are taken on the
+                                          unsmoothed, unrotated weights (surgeon.train.coordinates; ZeRO stage 0,
+                                          fp32); on a model with neither the two are the same
     gradient_checkpointing                recompute each layer in the backward (less memory, ~⅓ more compute)
     heldout_every, eval_windows           window i of the token stream is held out when i % heldout_every ==
                                           heldout_every − 1; the first eval_windows of those are the eval set
