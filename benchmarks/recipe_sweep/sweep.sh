@@ -3,9 +3,10 @@
 # sm_src80_*: 80), one at a time, then one line of held-out figures per run (fp32 ppl, residual peak, linear-input
 # max/RMS, W4A4 ppl at the start and at the end). plain* train the source, sm_* the converted model with the smooth
 # pass (α 0.8, the pipeline's default), the others the converted model without it; sm_src* train it in the
-# source's coordinates (optimizer_coordinates: source). For sm_* runs the trained model is also smoothed again
-# (recalibrated on the training text) and its W4A4 perplexity measured on the same held-out windows ("resmoothed").
-# Results of 2026-11-22: benchmarks/results/recipe_sweep.csv.
+# source's coordinates (optimizer_coordinates: source); had_* train the converted model with smooth and the
+# hadamard pass (the pipeline's default since 2026-12-02), in the source's coordinates. For sm_* runs the trained
+# model is also smoothed again (recalibrated on the training text) and its W4A4 perplexity measured on the same
+# held-out windows ("resmoothed"). Results of 2026-11-22 and 2026-12-02: benchmarks/results/recipe_sweep.csv.
 #   bash benchmarks/recipe_sweep/sweep.sh OUT [recipe ...]
 # Needs the defaults (scripts/install_defaults.sh); about 8 minutes a recipe on 2 idle cores.
 set -euo pipefail
@@ -13,16 +14,18 @@ here=$(cd "$(dirname "$0")" && pwd)
 out=$(mkdir -p "$1" && cd "$1" && pwd); shift
 recipes=("${@:-plain plain_lr plain_lr2 plain_lr4 conv_lm mixqat mixqat_p mixqat25 mixqat_lr mixqat_lr2 mixqat_lr4
             sm_lm sm_mixqat_lr2 sm_mixqat25_lr2 sm_mixqat125_lr2 sm_qd sm_src_qat25 sm_src_qat50
-            plain80 sm_src80_qat25 sm_src80_qat375}")
+            plain80 sm_src80_qat25 sm_src80_qat375 had_src_qat25}")
 texts=$(python -c "from surgeon.sources import default_text_dir; print(default_text_dir())")
 mkdir -p "$out/train_text"
 ls "$texts"/*_gut.txt | sort | tail -n +3 | while read -r f; do ln -sf "$f" "$out/train_text/"; done  # plays 3..: 1-2 are eval
-[ -d "$out/base" ] || surgeon pipeline --no-train --no-smooth --out "$out/base"
-[ -d "$out/base-smooth" ] || surgeon pipeline --no-train --out "$out/base-smooth"
+[ -d "$out/base" ] || surgeon pipeline --no-train --no-smooth --no-hadamard --out "$out/base"
+[ -d "$out/base-smooth" ] || surgeon pipeline --no-train --no-hadamard --out "$out/base-smooth"
+[ -d "$out/base-hadamard" ] || surgeon pipeline --no-train --out "$out/base-hadamard"
 for name in ${recipes[@]}; do
   case "$name" in
     plain*) model=default ;;
     sm_*) model="$out/base-smooth/model-converted" ;;
+    had_*) model="$out/base-hadamard/model-converted" ;;
     *) model="$out/base/model-converted" ;;
   esac
   rm -rf "$out/runs/$name"
