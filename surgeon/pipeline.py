@@ -273,10 +273,11 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
     if result.training and result.training.get("heldout_last"):
         first, last = result.training["heldout_first"], result.training["heldout_last"]
         # the training measures the converted model (step 0) and the trained one; the source has the converted
-        # model's linear inputs only when no pass changed them (smooth does)
+        # model's linear inputs only when no pass changed them (smooth and hadamard do)
         figure = "{0[linear_input_max_rms]:.1f} ({0[linear_input_max_rms_worst]:.1f})".format
         lines.append(f"| linear-input max/RMS, mean (worst) — training's held-out | "
-                     f"{'–' if smooth else figure(first)} | {figure(first)} | {figure(last)} |")
+                     f"{'–' if smooth or 'hadamard' in surgeon else figure(first)} | {figure(first)} | "
+                     f"{figure(last)} |")
     columns = [f for f in next(iter(result.evals.values())).perplexity if f != "none"]
     smoothed = any(f.endswith("+sq") for f in columns)
     lines += ["", "## Perplexity and W4A4", "",
