@@ -35,7 +35,8 @@ from rich.table import Table
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from surgeon import kernels
-from surgeon.modeling import CLASSES
+from surgeon.architectures import registry
+from surgeon.modeling import CLASSES, hadamard_block
 from surgeon.transforms.hadamard import rotate_weight
 
 from results_csv import append_rows  # benchmarks/, the script's own folder
@@ -53,11 +54,9 @@ def smollm2_config(layers):
 
 def hadamard_block_config(layers):
     """The surgeon block the hadamard pass writes for this shape (surgeon/architectures/llama.json's groups)."""
-    import json
-
-    arch = json.loads((Path(__file__).resolve().parent.parent / "surgeon" / "architectures" / "llama.json").read_text())
+    linear_inputs = registry()["llama"].linear_inputs
     width = {"attention_in": 576, "attention_out": 576, "mlp_in": 576, "mlp_out": 1536}
-    return {g: {"linears": arch["linear_inputs"][g], "block": w & -w} for g, w in width.items()}
+    return {g: {"linears": list(linear_inputs[g]), "block": hadamard_block(w)} for g, w in width.items()}
 
 
 def build(layers, rank):

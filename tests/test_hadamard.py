@@ -31,15 +31,19 @@ BLOCKS = {"attention_in": 16, "attention_out": 16, "mlp_in": 16, "mlp_out": 32}
 ROTATED = {"q_proj": 16, "k_proj": 16, "v_proj": 16, "o_proj": 16, "gate_proj": 16, "up_proj": 16, "down_proj": 32}
 
 
-def sylvester_formula(n: int) -> torch.Tensor:
-    """H[i, j] = (−1)^popcount(i & j) / √n, the Sylvester matrix written out, not built recursively."""
-    i = torch.arange(n)
-    bits = torch.bitwise_and(i[:, None], i[None, :])
+def sylvester_rows(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows `rows` of H_n: H[i, j] = (−1)^popcount(i & j) / √n, the Sylvester matrix written out, not built
+    recursively."""
+    bits = torch.bitwise_and(rows[:, None], torch.arange(n)[None, :])
     parity = torch.zeros_like(bits)
     while bool(bits.any()):
         parity ^= bits & 1
         bits = bits >> 1
     return (1 - 2 * parity).double() / math.sqrt(n)
+
+
+def sylvester_formula(n: int) -> torch.Tensor:
+    return sylvester_rows(torch.arange(n), n)
 
 
 def block_diagonal(d: int, block: int) -> torch.Tensor:
@@ -79,11 +83,7 @@ def test_sylvester_matches_the_formula():
         basis = torch.zeros(len(j), n, dtype=torch.float64)
         basis[torch.arange(len(j)), j] = 1.0
         rows = modeling_surgeon.block_hadamard_reference(basis, n)
-        bits, parity = torch.bitwise_and(j[:, None], torch.arange(n)[None, :]), torch.zeros(len(j), n, dtype=torch.long)
-        while bool(bits.any()):
-            parity ^= bits & 1
-            bits = bits >> 1
-        assert torch.allclose(rows, (1 - 2 * parity).double() / math.sqrt(n), rtol=0, atol=1e-12)
+        assert torch.allclose(rows, sylvester_rows(j, n), rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="does not tile"):
         modeling_surgeon.block_hadamard_reference(x, 1024)
 
@@ -216,3 +216,17 @@ def test_loads_with_only_torch_and_transformers(sources, tmp_path):
                             env={**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "modules")})
     assert result.returncode == 0, result.stderr[-3000:]
     assert_close_logits(logits(sources["qwen3"], ids), torch.load(tmp_path / "logits.pt", weights_only=True))
+
+
+def test_earlier_smooth_factors_come_along_only_when_hadamard_is_first(sources, corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    from surgeon.transforms.smooth import FACTORS_FILE
+
+    smoothed = tmp_path / "smoothed"
+    convert(sources["llama"], smoothed, [Smooth(data=corpus, tokens=256, seq_len=32)], show_progress=False)
+    convert(smoothed, tmp_path / "rotated", [Hadamard()], show_progress=False)
+    carried, original = load_file(tmp_path / "rotated" / FACTORS_FILE), load_file(smoothed / FACTORS_FILE)
+    assert carried.keys() == original.keys() and all(torch.equal(carried[k], original[k]) for k in original)
+    convert(smoothed, tmp_path / "gated", [GatedNorm(rank=4), Hadamard()], show_progress=False)  # λ rewritten first
+    assert not (tmp_path / "gated" / FACTORS_FILE).exists()

@@ -14,16 +14,16 @@ Measured on the converted SmolLM2 (smoothed, before training; 8 × 256 held-out 
 
 The rotation cannot be folded into the norm or the previous linear (an RMSNorm scales, a SwiGLU is not linear),
 so the model computes x·H: the modeling file's forward pre-hook, in every group's linears (config
-`surgeon.hadamard.groups`), two small matmuls a row (block = b/64 × 64). Groups are the architecture data's
-`linear_inputs`: attention_in (q/k/v), attention_out (o), mlp_in (gate/up), mlp_out (down); the linears of a group
-read one tensor, rotated once.
+`surgeon.hadamard.groups`); a block above 64 runs as two small matmuls, H_a·X·H_b with a·b = block. Groups are the
+architecture data's `linear_inputs`: attention_in (q/k/v), attention_out (o), mlp_in (gate/up), mlp_out (down);
+the linears of a group read one tensor, rotated once.
 
 The function is the same up to float rounding (H is not a power of two): the weights are rotated in float64 and
 rounded once to their dtype; fp32 logits move by ~1e-6 relative (--verify's 1e-5 holds). Order with smooth: smooth
 first (its scales and recorded factors are per channel of the unrotated input); smooth on a rotated model is
-refused. A smoothed model's factors file stays as smooth wrote it (and comes along when smooth ran in an earlier convert):
-stored = (source ⊙ m)·H, which training in the
-source's coordinates undoes (surgeon.train.coordinates). Dense families only (MoE experts are fused parameters).
+refused. A smoothed model's factors file stays as smooth wrote it, stored = (source ⊙ m)·H, which training in the
+source's coordinates undoes (surgeon.train.coordinates); when smooth ran in an earlier convert and hadamard is this
+convert's first pass, the file comes along. Dense families only (MoE experts are fused parameters).
 
 Invariant (tests/test_hadamard.py): logits equal the source's within fp32 rounding on every dense family; every
 rotated weight equals the source weight times H exactly as the formula says (float64); a rotated linear's input
@@ -77,14 +77,13 @@ class Hadamard:
         record = {}
         for group in self.groups:
             patterns = list(arch.linear_inputs[group])
+            weights = [f"{module}.weight" for pattern in patterns for module in plan.expand(pattern)]
             widths = set()
-            for pattern in patterns:
-                for module in plan.expand(pattern):
-                    entry = plan.require(f"{module}.weight")
-                    if len(entry.spec.shape) != 2:
-                        raise SurgeonError(f"hadamard rotates linear layers; {module}.weight has shape "
-                                           f"{tuple(entry.spec.shape)}")
-                    widths.add(entry.spec.shape[1])
+            for name in weights:
+                shape = tuple(plan.require(name).spec.shape)
+                if len(shape) != 2:
+                    raise SurgeonError(f"hadamard rotates linear layers; {name} has shape {shape}")
+                widths.add(shape[1])
             if len(widths) != 1:
                 raise SurgeonError(f"the {group} linears read inputs of different widths {sorted(widths)}: they "
                                    "cannot share one rotation")
@@ -92,12 +91,12 @@ class Hadamard:
             block = hadamard_block(width)
             if block < 2:
                 raise SurgeonError(f"the {group} input has {width} features, an odd number: no Hadamard block fits")
-            for pattern in patterns:
-                for module in plan.expand(pattern):
-                    plan.rewrite(f"{module}.weight", lambda t, b=block: rotate_weight(t, b))
+            for name in weights:
+                plan.rewrite(name, lambda t, b=block: rotate_weight(t, b))
             record[group] = {"linears": patterns, "block": block, "features": width}
-        if "smooth" in plan.surgeon and FACTORS_FILE not in plan.side_tensors:
-            # smoothed by an earlier convert: its factors still lead back to the source (rotation composes, below)
+        if "smooth" in plan.surgeon and FACTORS_FILE not in plan.side_tensors and not plan.applied:
+            # smoothed by an earlier convert and nothing else rewritten since: its factors still lead back to the
+            # source (the rotation composes with them, surgeon.train.coordinates)
             entries = read_factor_entries(plan.source.path)
             if entries is not None:
                 plan.side_tensors[FACTORS_FILE] = (entries, {"format": FACTORS_FORMAT})

@@ -30,7 +30,8 @@ each reader. Architecture data: `norm_readers` (per norm role, the linears readi
 The factors are kept beside the weights in `smooth_factors.safetensors`: key `<tensor>@<axis>` → the vector f
 with rewritten = source × f along that axis (1/s for a writer, s for a reader; up_proj has a row and a column
 entry). Training reads it to take its optimizer steps on the unsmoothed weights (surgeon.train.coordinates), and
-export carries it to the trained model; a later convert with other passes does not.
+export carries it to the trained model; a later convert does not, unless hadamard is its first pass (the rotation
+composes with the factors).
 
 Smoothing a smoothed checkpoint again (typically after training, whose updates move the activations the first
 scales were calibrated on) is a recalibration: new scales from the checkpoint as it is, folded the same way, and

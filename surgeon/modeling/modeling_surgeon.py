@@ -258,13 +258,11 @@ def install_rotations(model: nn.Module, surgeon: dict) -> list[str]:
     modules = dict(model.named_modules())
     hooked = []
     for group in groups.values():
-        patterns = [target_regex([p]) for p in group["linears"]]
+        regex = target_regex(group["linears"])
         per_layer: dict[tuple, list[str]] = {}  # one tensor read by the group's linears, per layer
         for name in modules:
-            for regex in patterns:
-                match = regex.match(name)
-                if match:
-                    per_layer.setdefault(tuple(p for p in name.split(".") if p.isdigit()), []).append(name)
+            if regex.match(name):
+                per_layer.setdefault(tuple(p for p in name.split(".") if p.isdigit()), []).append(name)
         if not per_layer:
             raise ValueError(f"surgeon: no module matches the Hadamard-rotated linears {group['linears']}")
         for names in per_layer.values():
