@@ -68,7 +68,8 @@ def test_unknown_key_is_one_line_error():
     {"lm": -1.0}, {"distill": float("nan")}, {"distill_temperature": 0.0}, {"pressure": "a lot"},
     {"qat": "int8"}, {"pressure_on": ("logits",)}, {"glu_alpha_steps": [10, 5]}, {"glu_alpha_steps": [1]},
     {"lm": 0.0}, {"pressure": True}, {"qat": "int4", "qat_fraction": 0.0}, {"qat_fraction": 1.5},
-    {"qat_fraction": "half"},
+    {"qat_fraction": "half"}, {"qat": []}, {"qat": ["int4", "int8"]}, {"new_learn_from": "fp32"},
+    {"new_learn_from": "quantized"},
 ])
 def test_bad_values_are_refused(settings):
     with pytest.raises(SurgeonError) as err:
@@ -238,6 +239,53 @@ def test_qat_fraction_quantizes_that_share_of_micro_batches(paths, fraction, gra
             assert torch.equal(logits, quantized) or torch.equal(logits, fp)
             seen.append(torch.equal(logits, quantized))
     assert seen == expected
+
+
+def test_qat_formats_take_turns_over_the_quantized_micro_batches(paths):
+    model = load(paths["gated"]).eval()
+    batch = ids()
+    with torch.no_grad():
+        expected = {}
+        for fmt in ("int4", "nvfp4"):
+            with fake_quantized(model, fmt):
+                expected[fmt] = model(input_ids=batch).logits
+    cfg = ObjectiveConfig(qat=["int4", "nvfp4"], qat_fraction=0.5)
+    assert cfg.qat_formats == ("int4", "nvfp4") and ObjectiveConfig(**json.loads(json.dumps(cfg.to_dict()))) == cfg
+    objectives = Objectives(cfg, model)
+    assert [objectives.qat_format(g) for g in range(8)] == [None, "int4", None, "nvfp4"] * 2
+    for micro, fmt in ((1, "int4"), (3, "nvfp4")):
+        with torch.no_grad(), objectives.step_context(0, 8, micro=micro, micro_per_step=4):
+            assert torch.equal(model(input_ids=batch).logits, expected[fmt])
+
+
+def test_new_parameters_can_learn_from_the_quantized_micro_batches_only(paths):
+    """new_learn_from: quantized — a full-precision micro-batch gives the gates and λ1 no gradient (the pretrained
+    weights get theirs), a quantized one gives both; nothing stays hooked after the context."""
+    model = load(paths["gated"]).train()
+    with torch.no_grad():  # gates off their identity init, so every new parameter has a gradient
+        for name, p in model.named_parameters():
+            if "gate_up" in name:
+                p.normal_(0, 0.1)
+    batch = ids(batch=2, length=16)
+    objectives = Objectives(ObjectiveConfig(qat="int4", qat_fraction=0.5, new_learn_from="quantized"), model)
+    new = {n for n, p in model.named_parameters() if any(k in n for k in ("gate_down", "gate_up", "pre_affine"))}
+    assert new and {id(p) for n, p in model.named_parameters() if n in new} == set(map(id, objectives.new_parameters))
+
+    def grads(micro):
+        model.zero_grad()
+        with objectives.step_context(0, 8, micro=micro, micro_per_step=2):
+            loss, _ = objectives.loss(batch, model(input_ids=batch))
+            loss.backward()
+        return {n: float(p.grad.abs().sum()) for n, p in model.named_parameters() if p.grad is not None}
+
+    full, quantized = grads(0), grads(1)
+    assert all(full[n] == 0 for n in new) and full["model.embed_tokens.weight"] > 0
+    assert all(quantized[n] > 0 for n in new) and quantized["model.embed_tokens.weight"] > 0
+    plain = Objectives(ObjectiveConfig(qat="int4", qat_fraction=0.5), model)
+    model.zero_grad()
+    with plain.step_context(0, 8, micro=0, micro_per_step=2):  # the hooks were removed: "all" sees them again
+        plain.loss(batch, model(input_ids=batch))[0].backward()
+    assert all(float(p.grad.abs().sum()) > 0 for n, p in model.named_parameters() if n in new)
 
 
 def kl_quantized_to_fp(model, batch) -> float:

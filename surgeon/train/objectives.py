@@ -26,7 +26,7 @@ P         outlier pressure. For every token row x ∈ R^d of a watched activatio
           ∂s/∂z_j = p_j·(1 + (z_j − s)/τ), reaches every element near the top, and through rms(x) every element.
           Cost: a custom autograd function that saves the input (the linear layer saves it anyway) and two
           scalars per row; p and z are recomputed in the backward. Nothing outlives the step.
-QAT       `qat` = "int4" | "nvfp4": while the step context is open, every quantized linear computes
+QAT       `qat` = "int4" | "nvfp4" | a list of them: while the step context is open, every quantized linear computes
           F.linear(q_a(x), q_w(W), b) with the formats of surgeon.quant (exactly the values `fake_quantized`
           gives) through a straight-through estimator — forward q(v), backward identity, i.e.
           v + (q(v) − v).detach() but bit-exact — so the fp weights get the gradients. The pressure hooks see the
@@ -38,7 +38,13 @@ QAT       `qat` = "int4" | "nvfp4": while the step context is open, every quanti
           KL(the same model's full-precision prediction ‖ the quantized one), T = 1, the target computed under
           no_grad on the same batch with the quantizer lifted (one extra forward): the quantized forward learns to
           match the full-precision one instead of (or besides) the text, which pulls the shared weights less far
-          from what the full-precision micro-batches want.
+          from what the full-precision micro-batches want. A list of formats takes them in turn: the n-th quantized
+          micro-batch of the run uses formats[n mod len], so both W4A4 formats are in the loop.
+New parameters' signal  `new_learn_from` = "all" (default) | "quantized": with "quantized" the new parameters
+          (GatedNorm's gates and PreAffine's λ1, surgeon.train.engine.is_new_parameter) get no gradient from the
+          full-precision micro-batches, only from the quantized ones: the gates train as a quantization adapter
+          (they learn what helps the quantized forward) while the pretrained weights learn from every micro-batch.
+          A model without new parameters (the control) trains exactly as with "all".
 GLU α     `glu_alpha_steps` = [start, end]: α = clamp((step − start) / (end − start), 0, 1), set by set_glu_alpha
           (buffers and config) on entering the step context.
 
@@ -66,8 +72,10 @@ from torch import nn
 from surgeon.errors import SurgeonError
 from surgeon.modeling import AnnealedGLUActivation, set_glu_alpha
 from surgeon.quant import DEFAULT_SKIP, quantize_activation, quantize_weight, quantized_linears
+from surgeon.train.engine import is_new_parameter
 
-QAT_FORMATS = (None, "int4", "nvfp4")
+QAT_FORMATS = ("int4", "nvfp4")
+NEW_LEARN_FROM = ("all", "quantized")
 PRESSURE_POINTS = ("linear_inputs", "residual")
 RMS_EPS = 1e-8
 
@@ -88,6 +96,7 @@ class ObjectiveConfig:
     qat_fraction: float = 1.0
     qat_lm: float | None = None
     qat_distill: float = 0.0
+    new_learn_from: str = "all"
     glu_alpha_steps: tuple[int, int] | None = None
 
     def __init__(self, **settings):
@@ -137,8 +146,18 @@ class ObjectiveConfig:
         self.pressure_on = on
         if isinstance(self.qat, str) and self.qat.lower() in ("none", ""):
             self.qat = None
-        if self.qat not in QAT_FORMATS:
-            raise SurgeonError(f"objective setting qat must be one of none, int4, nvfp4, got {self.qat!r}")
+        formats = [self.qat] if isinstance(self.qat, str) else self.qat
+        if self.qat is not None and (not isinstance(formats, (list, tuple)) or not formats
+                                     or any(f not in QAT_FORMATS for f in formats)):
+            raise SurgeonError(f"objective setting qat must be none, int4, nvfp4 or a list of them, got {self.qat!r}")
+        if isinstance(self.qat, (list, tuple)):  # one format is kept as a string, as written
+            self.qat = formats[0] if len(formats) == 1 else tuple(formats)
+        if self.new_learn_from not in NEW_LEARN_FROM:
+            raise SurgeonError(f"objective setting new_learn_from must be one of {', '.join(NEW_LEARN_FROM)}, got "
+                               f"{self.new_learn_from!r}")
+        if self.new_learn_from == "quantized" and self.qat is None:
+            raise SurgeonError("objective setting new_learn_from: quantized trains the new parameters on the "
+                               "quantized micro-batches only: set qat (int4 or nvfp4) too")
         if self.qat is None and (self.qat_distill > 0 or self.qat_lm is not None):
             raise SurgeonError("objective settings qat_lm and qat_distill weigh the quantized micro-batches' loss: "
                                "set qat (int4 or nvfp4) too")
@@ -151,8 +170,16 @@ class ObjectiveConfig:
                                    f"(integer steps), got {steps!r}")
             self.glu_alpha_steps = (steps[0], steps[1])
 
+    @property
+    def qat_formats(self) -> tuple[str, ...]:
+        """The QAT formats, taken in turn by the quantized micro-batches (empty: no QAT)."""
+        if self.qat is None:
+            return ()
+        return (self.qat,) if isinstance(self.qat, str) else tuple(self.qat)
+
     def to_dict(self) -> dict:
         out = asdict(self)
+        out["qat"] = list(self.qat) if isinstance(self.qat, tuple) else self.qat
         out["pressure_on"] = list(self.pressure_on)
         out["glu_alpha_steps"] = list(self.glu_alpha_steps) if self.glu_alpha_steps else None
         return out
@@ -298,6 +325,8 @@ class Objectives:
         if self.teacher is not None:
             self.teacher.eval().requires_grad_(False)
         self.linears = quantized_linears(self.model, DEFAULT_SKIP)
+        self.new_parameters = [p for name, p in self.model.named_parameters()
+                               if p.requires_grad and is_new_parameter(name)]
         if (self.cfg.qat or self._pressure_on("linear_inputs")) and not self.linears:
             raise SurgeonError(f"{type(self.model).__name__} has no linear layer to quantize or watch")
         if self.cfg.glu_alpha_steps is not None:
@@ -380,13 +409,16 @@ class Objectives:
                 from surgeon.scan import decoder_layers
 
                 handles += [layer.register_forward_hook(self._residual_hook) for layer in decoder_layers(self.model)]
-            if self.quantizes(step * micro_per_step + micro):
+            fmt = self.qat_format(step * micro_per_step + micro)
+            if fmt is not None:
                 for _, layer in self.linears:
                     if "forward" in layer.__dict__:
                         raise SurgeonError(f"{type(layer).__name__} already has its forward replaced; "
                                            f"cannot train it through the quantizer")
-                    layer.forward = _qat_forward(layer, self.cfg.qat)
+                    layer.forward = _qat_forward(layer, fmt)
                     patched.append(layer)
+            elif self.cfg.new_learn_from == "quantized":  # a full-precision micro-batch: the adapter learns nothing
+                handles += [p.register_hook(torch.zeros_like) for p in self.new_parameters]
             self._quantizing = patched
             yield self
             if (patched or self._pressure_on("linear_inputs")) and self._pending_backward \
@@ -405,8 +437,16 @@ class Objectives:
 
     def quantizes(self, micro_batch: int) -> bool:
         """Whether micro-batch `micro_batch` (counted over the run) runs through the QAT quantizer."""
-        f = self.cfg.qat_fraction
-        return bool(self.cfg.qat) and math.floor((micro_batch + 1) * f) > math.floor(micro_batch * f)
+        return self.qat_format(micro_batch) is not None
+
+    def qat_format(self, micro_batch: int) -> str | None:
+        """The format micro-batch `micro_batch` (counted over the run) is quantized with, None for full precision:
+        the quantized micro-batches take the formats in turn."""
+        f, formats = self.cfg.qat_fraction, self.cfg.qat_formats
+        done = math.floor(micro_batch * f)  # quantized micro-batches before this one
+        if not formats or math.floor((micro_batch + 1) * f) == done:
+            return None
+        return formats[done % len(formats)]
 
     # -- the loss
 
