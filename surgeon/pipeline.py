@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .convert import convert
+from .errors import SurgeonError
 from .evaluate import ModelEval, evaluate_model
 from .io import staged_directory
 from .progress import console, progress_bar
@@ -35,8 +36,9 @@ EVAL_FORMATS = ("nvfp4", "int4")
 # SmoothQuant's α for the smooth pass: on the converted SmolLM2, INT4 W4A4 perplexity at step 0 (held-out windows of
 # the training plays) is 6,757 unsmoothed, 1,480 at α 0.5, 644 at 0.65, 506 at 0.8; see configs/recipes/smollm2-cpu
 SMOOTH_PASS_ALPHA = 0.8
-LABELS = ("source", "converted", "trained")
-DIRS = {"converted": "model-converted", "trained": "model-trained"}
+LABELS = ("source", "converted", "trained", "control")
+DIRS = {"converted": "model-converted", "trained": "model-trained", "control-converted": "model-control-converted",
+        "control": "model-control"}
 
 
 @dataclass
@@ -55,6 +57,7 @@ class PipelineConfig:
     recipe: str = "smollm2-cpu"  # a recipe YAML or a shipped recipe's name
     train_steps: int | None = None  # None: the recipe's
     train: bool = True  # False: stop after the training-free conversion
+    control: bool = False  # also train the same passes minus the norm modules with the same recipe (model-control/)
 
 
 @dataclass
@@ -66,6 +69,7 @@ class PipelineResult:
     verify: dict | None = None
     text: dict = field(default_factory=dict)  # eval / train files, overlap
     training: dict | None = None  # steps, tokens, tokens/s, recipe
+    control: dict | None = None  # the control's passes, verification and training summary
 
 
 def split_text(paths: list[Path], eval_files: int) -> tuple[list[Path], list[Path], bool]:
@@ -73,6 +77,21 @@ def split_text(paths: list[Path], eval_files: int) -> tuple[list[Path], list[Pat
     if 0 < eval_files < len(paths):
         return paths[:eval_files], paths[eval_files:], False
     return paths, paths, True
+
+
+def conversion_passes(cfg: PipelineConfig, sinks_scan: Path | None, train_paths: list[Path], *,
+                      control: bool = False) -> list:
+    """The main job's passes in order: GatedNorm, PreAffine, absorb-sinks (when the scan found sinks), smooth,
+    hadamard. `control`: the same without the passes that insert or work through the norm modules (each pass's
+    `module_pass`), so the control differs from the main run by the modules alone."""
+    passes = [GatedNorm(rank=cfg.rank), PreAffine()]
+    if sinks_scan is not None:
+        passes.append(AbsorbSinks(scan=sinks_scan))
+    if cfg.smooth_alpha is not None:  # calibrated on the training text: the evaluation text stays unseen
+        passes.append(Smooth(data=train_paths, alpha=cfg.smooth_alpha, seq_len=cfg.seq_len, progress=True))
+    if cfg.hadamard:
+        passes.append(Hadamard())
+    return [p for p in passes if not (control and p.module_pass)]
 
 
 def _scan_and_eval(label: str, model_dir: Path, paths: list[Path], cfg: PipelineConfig, out: Path,
@@ -109,13 +128,15 @@ def _scan_and_eval(label: str, model_dir: Path, paths: list[Path], cfg: Pipeline
 def run(cfg: PipelineConfig, out: str | Path, *, force: bool = False) -> PipelineResult:
     from .train.recipe import load_recipe
 
+    if cfg.control and not cfg.train:
+        raise SurgeonError("--control trains a control beside the main run: drop --no-train")
     out = Path(out)
     torch.manual_seed(0)
     paths = resolve_text(cfg.data)
     eval_paths, train_paths, overlap = split_text(paths, cfg.eval_files)
     source = resolve_model(cfg.model)
     recipe = load_recipe(cfg.recipe, steps=cfg.train_steps) if cfg.train else None  # bad recipe: before any work
-    stages = 5 if cfg.train else 3
+    stages = (5 + cfg.control) if cfg.train else 3
     with staged_directory(out, force=force, sources=(source,)) as tmp:
         result = PipelineResult(out=out, text={"eval": [p.name for p in eval_paths],
                                                "train": [p.name for p in train_paths], "overlap": overlap})
@@ -123,13 +144,8 @@ def run(cfg: PipelineConfig, out: str | Path, *, force: bool = False) -> Pipelin
         _scan_and_eval("source", source, eval_paths, cfg, tmp, result)
 
         t = time.perf_counter()
-        passes = [GatedNorm(rank=cfg.rank), PreAffine()]
-        if result.scans["source"].sinks:
-            passes.append(AbsorbSinks(scan=tmp / "scan-source" / "scan.json"))
-        if cfg.smooth_alpha is not None:  # calibrated on the training text: the evaluation text stays unseen
-            passes.append(Smooth(data=train_paths, alpha=cfg.smooth_alpha, seq_len=cfg.seq_len, progress=True))
-        if cfg.hadamard:
-            passes.append(Hadamard())
+        sinks_scan = tmp / "scan-source" / "scan.json" if result.scans["source"].sinks else None
+        passes = conversion_passes(cfg, sinks_scan, train_paths)
         console.rule(f"[bold]2/{stages} convert[/] {' + '.join(p.name for p in passes)}, verified")
         converted = tmp / DIRS["converted"]
         report = convert(source, converted, passes, verify=True)
@@ -157,9 +173,37 @@ def run(cfg: PipelineConfig, out: str | Path, *, force: bool = False) -> Pipelin
             shutil.rmtree(run_dir / "checkpoints")  # exported; the optimizer states are 3× the model
             result.stages["export"] = time.perf_counter() - t
             _scan_and_eval("trained", tmp / DIRS["trained"], eval_paths, cfg, tmp, result)
+        if cfg.control:
+            _control(cfg, source, sinks_scan, train_paths, eval_paths, recipe, tmp, result, f"6/{stages}")
         write_report(tmp, cfg, result, report)
     console.print(f"[green]report:[/] {out / 'report.md'}")
     return result
+
+
+def _control(cfg: PipelineConfig, source: Path, sinks_scan: Path | None, train_paths: list[Path],
+             eval_paths: list[Path], recipe, tmp: Path, result: PipelineResult, stage: str) -> None:
+    """The same run without the norm modules: the main job's other passes on the source, the same recipe, budget
+    and text, exported to model-control/ and evaluated beside the trained model."""
+    from .export import export
+    from .train.loop import train
+
+    passes = conversion_passes(cfg, sinks_scan, train_paths, control=True)
+    console.rule(f"[bold]{stage} control[/] {' + '.join(p.name for p in passes) or 'no pass'} (no norm modules), "
+                 f"the same recipe and {recipe.steps} steps")
+    t = time.perf_counter()
+    model, verify = source, None
+    if passes:  # with every other pass off, the control is the source itself, trained
+        model = tmp / DIRS["control-converted"]
+        verify = convert(source, model, passes, verify=True).verify
+    run_dir = tmp / "train-control"
+    trained = train(model, train_paths, run_dir, recipe=recipe)
+    seconds = time.perf_counter() - t
+    export(run_dir, tmp / DIRS["control"])
+    shutil.rmtree(run_dir / "checkpoints")
+    result.stages["control: convert + train + export"] = time.perf_counter() - t
+    result.control = {"transforms": [p.name for p in passes], "verify": verify,
+                      "training": _training_summary(run_dir, trained.step, seconds)}
+    _scan_and_eval("control", tmp / DIRS["control"], eval_paths, cfg, tmp, result)
 
 
 def _training_summary(run_dir: Path, steps: int, seconds: float) -> dict:
@@ -221,10 +265,14 @@ def _objectives_text(objectives: dict) -> str:
             on.append(f"LM ×{objectives['qat_lm']:g}")
         if objectives.get("qat_distill"):
             on.append(f"KL to its own full-precision prediction ×{objectives['qat_distill']:g}")
-        parts.append(f"{objectives['qat'].upper()} W4A4 in the forward (straight-through)"
+        formats = [objectives["qat"]] if isinstance(objectives["qat"], str) else objectives["qat"]
+        parts.append(f"{' and '.join(f.upper() for f in formats)} W4A4 in the forward (straight-through"
+                     + (", in turn)" if len(formats) > 1 else ")")
                      + (f" on {share:.0%} of the micro-batches" if share < 1 else "")
                      + (f", whose loss is {' + '.join(on) if on else 'nothing'}"
-                        if objectives.get("qat_lm") is not None or objectives.get("qat_distill") else ""))
+                        if objectives.get("qat_lm") is not None or objectives.get("qat_distill") else "")
+                     + ("; the gates and λ1 learn from the quantized micro-batches only"
+                        if objectives.get("new_learn_from") == "quantized" else ""))
     return ", ".join(parts)
 
 
@@ -251,6 +299,11 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
                   + ("; AdamW stepping the source's weights, unsmoothed and unrotated (optimizer_coordinates: source)"
                      if tr["recipe"].get("optimizer_coordinates") == "source" else "")
                   + f". Exported to `{DIRS['trained']}/`.", ""]
+    if result.control:
+        tr = result.control["training"]
+        lines += [f"Control: the source converted with {' + '.join(result.control['transforms']) or 'no pass'}, "
+                  f"trained the same {tr['steps']} steps ({tr['tokens']:,} tokens, {tr['seconds'] / 60:.1f} min) with "
+                  f"the same recipe; exported to `{DIRS['control']}/`.", ""]
     if text.get("overlap"):
         lines += ["**Note:** the text has too few files to hold some out, so evaluation windows come from the "
                   "training text.", ""]
@@ -271,13 +324,16 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
     for label, get in rows:
         lines.append(f"| {label} | " + " | ".join(get(r) for r in scans) + " |")
     if result.training and result.training.get("heldout_last"):
-        first, last = result.training["heldout_first"], result.training["heldout_last"]
         # the training measures the converted model (step 0) and the trained one; the source has the converted
         # model's linear inputs only when no pass changed them (smooth and hadamard do)
         figure = "{0[linear_input_max_rms]:.1f} ({0[linear_input_max_rms_worst]:.1f})".format
-        lines.append(f"| linear-input max/RMS, mean (worst) — training's held-out | "
-                     f"{'–' if smooth or 'hadamard' in surgeon else figure(first)} | {figure(first)} | "
-                     f"{figure(last)} |")
+        first = result.training["heldout_first"]
+        values = {"source": "–" if smooth or "hadamard" in surgeon else figure(first), "converted": figure(first),
+                  "trained": figure(result.training["heldout_last"])}
+        if result.control and result.control["training"].get("heldout_last"):
+            values["control"] = figure(result.control["training"]["heldout_last"])
+        lines.append("| linear-input max/RMS, mean (worst) — training's held-out | "
+                     + " | ".join(values.get(label, "–") for label in labels) + " |")
     columns = [f for f in next(iter(result.evals.values())).perplexity if f != "none"]
     smoothed = any(f.endswith("+sq") for f in columns)
     lines += ["", "## Perplexity and W4A4", "",
@@ -296,6 +352,8 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
         lines += ["", "Trained ÷ source perplexity: " + ", ".join(
             f"{'fp32' if f == 'none' else _format_label(f)} {out_ev[f] / src[f]:.2f}×" for f in ("none", *columns))
             + "."]
+    if "control" in result.evals:
+        lines += _control_section(result, columns)
     lines += ["", "The converted model computes the same function as the source: the gates are identity-initialized, "
               "and each sink dimension is divided by a power of two in every residual writer (embedding, o_proj and "
               "down_proj rows) and multiplied back in every reading norm's PreAffine. The residual stream shrinks "
@@ -317,9 +375,9 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
     for label in labels:
         for png in sorted((out / f"scan-{label}").glob("*.png")):
             lines.append(f"![{label} {png.stem}](scan-{label}/{png.name})")
-    if result.training:
-        for png in sorted((out / "train").glob("*.png")):
-            lines.append(f"![training {png.stem}](train/{png.name})")
+    for run_dir, what in (("train", "training"), ("train-control", "control training")):
+        for png in sorted((out / run_dir).glob("*.png")) if (out / run_dir).is_dir() else ():
+            lines.append(f"![{what} {png.stem}]({run_dir}/{png.name})")
     lines += ["", "## Stages", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in result.stages.items()]
     (out / "report.md").write_text("\n".join(lines) + "\n")
@@ -327,7 +385,29 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
         "config": asdict(cfg), "verify": result.verify, "stages": result.stages, "text": result.text,
         "perplexity": {k: v.perplexity for k, v in result.evals.items()},
         "peak": {k: v.peak for k, v in result.scans.items()}, "training": result.training,
+        "control": result.control,
     }, indent=2) + "\n")
+
+
+def _control_section(result: PipelineResult, columns: list[str]) -> list[str]:
+    """What the norm modules bought: the trained model beside the control (the same passes without the modules,
+    the same recipe, budget and text), with the ratio; below 1 the modules helped."""
+    trained, control = result.evals["trained"].perplexity, result.evals["control"].perplexity
+    passes = result.control["transforms"]
+    lines = ["", "## What the norm modules bought", "",
+             f"The control is the source converted with {' + '.join(passes) if passes else 'no pass'} (the main "
+             f"run's passes without the norm modules), trained with the same recipe, budget and text, and exported "
+             f"to `{DIRS['control']}/`.", "",
+             "| | fp32 | " + " | ".join(_format_label(f) for f in columns) + " | residual peak |",
+             "|---|---:|" + "---:|" * (len(columns) + 1)]
+    peaks = {k: result.scans[k].peak["value"] for k in ("trained", "control")}
+    for label, ppl in (("trained (norm modules)", trained), ("control (without)", control)):
+        key = label.split()[0]
+        lines.append(f"| {label} | {ppl['none']:.2f} | " + " | ".join(f"{ppl[f]:,.1f}" for f in columns)
+                     + f" | {_fmt(peaks[key])} |")
+    lines.append("| trained ÷ control | " + " | ".join(f"{trained[f] / control[f]:.3f}" for f in ("none", *columns))
+                 + f" | {peaks['trained'] / peaks['control']:.3f} |")
+    return lines
 
 
 def _attention(report: ScanReport) -> float:

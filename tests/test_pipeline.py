@@ -10,6 +10,7 @@ from tiny import make_tiny
 
 from surgeon.cli import main
 from surgeon.commands.inspect import describe
+from surgeon.errors import SurgeonError
 from surgeon.pipeline import PipelineConfig, run, split_text
 
 pytestmark = pytest.mark.usefixtures("restore_environment")  # the pipeline trains in-process
@@ -92,6 +93,62 @@ def test_pipeline_runs_end_to_end(tmp_path):
 
     # the CLI refuses to overwrite the run, in one line
     assert main(["pipeline", "--model", str(src), "--data", str(tmp_path / "text.txt"), "--out", str(out)]) == 2
+
+
+def test_control_shares_every_pass_and_the_recipe_but_the_module_passes(tmp_path):
+    """--control: the same source, passes minus gated-norm / pre-affine / absorb-sinks, the same recipe, budget and
+    text (asserted from the two converted configs and the two run.json files); exported, evaluated, reported."""
+    from safetensors.torch import load_file, save_file
+
+    from surgeon.transforms import TRANSFORMS
+
+    src = make_tiny(tmp_path / "src", "qwen2")
+    weights = load_file(src / "model.safetensors")
+    weights["model.embed_tokens.weight"][:, 5] += 40.0  # a sink, so the main run absorbs it
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    for i in range(3):
+        (tmp_path / "text").mkdir(exist_ok=True)
+        (tmp_path / "text" / f"{i}.txt").write_text(TEXT)
+    (tmp_path / "recipe.yaml").write_text(RECIPE)
+    cfg = PipelineConfig(model=str(src), data=str(tmp_path / "text"), rank=4, scan_tokens=256, seq_len=32,
+                         eval_windows=2, eval_skip_tokens=32, batch_size=2, eval_files=1,
+                         recipe=str(tmp_path / "recipe.yaml"), control=True)
+    result = run(cfg, tmp_path / "run")
+    out = tmp_path / "run"
+    main_block = json.loads((out / "model-converted" / "config.json").read_text())["surgeon"]
+    control_block = json.loads((out / "model-control-converted" / "config.json").read_text())["surgeon"]
+    assert main_block["transforms"] == ["gated-norm", "pre-affine", "absorb-sinks", "smooth", "hadamard"]
+    assert control_block["transforms"] == [t for t in main_block["transforms"] if not TRANSFORMS[t].module_pass] \
+        == ["smooth", "hadamard"]
+    for key in ("smooth", "hadamard"):  # the shared passes with the same settings
+        assert {k: v for k, v in control_block[key].items() if k not in ("log2_scale_range", "calibration_tokens")} \
+            == {k: v for k, v in main_block[key].items() if k not in ("log2_scale_range", "calibration_tokens")}
+    assert not {"gated_norm", "pre_affine", "absorb_sinks"} & set(control_block)
+    runs = [json.loads((out / d / "run.json").read_text()) for d in ("train", "train-control")]
+    assert runs[0]["recipe"] == runs[1]["recipe"] and runs[0]["objectives"] == runs[1]["objectives"]
+    assert runs[0]["data"] == runs[1]["data"] == [str(tmp_path / "text" / f"{i}.txt") for i in (1, 2)]
+    assert result.control["training"]["steps"] == result.training["steps"] == 3
+    assert result.control["training"]["tokens"] == result.training["tokens"]
+    assert result.control["verify"]["ok"]
+    control_config = json.loads((out / "model-control" / "config.json").read_text())
+    assert control_config["surgeon"]["training"]["steps"] == 3 and "gated_norm" not in control_config["surgeon"]
+    assert not (out / "train-control" / "checkpoints").exists()
+
+    report = (out / "report.md").read_text()
+    assert "| | source | converted | trained | control |" in report
+    assert "## What the norm modules bought" in report and "| trained ÷ control |" in report
+    assert "converted with smooth + hadamard" in report and "![control training loss](train-control/loss.png)" in report
+    assert (out / "scan-control" / "scan.json").is_file()
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["perplexity"]) == {"source", "converted", "trained", "control"}
+    assert results["control"]["transforms"] == ["smooth", "hadamard"]
+
+
+def test_control_needs_training(tmp_path):
+    with pytest.raises(SurgeonError, match="--control trains a control"):
+        run(PipelineConfig(model="no-such-model", control=True, train=False), tmp_path / "run")
+    assert main(["pipeline", "--out", str(tmp_path / "run"), "--control", "--no-train"]) == 2
+    assert not (tmp_path / "run").exists()
 
 
 def test_text_split_holds_the_first_files_out(tmp_path):

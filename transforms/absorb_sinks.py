@@ -136,6 +136,7 @@ class AbsorbSinks:
     progress: bool = False
     name = "absorb-sinks"
     key = "absorb_sinks"
+    module_pass = True  # works through PreAffine (λ1 takes the sink's scale): `pipeline --control` leaves it out
     preserves_function = True
     _report: object = field(default=None, init=False, repr=False)
 

@@ -29,6 +29,7 @@ class GatedNorm(NormTransform):
     rank: int = DEFAULT_RANK
     name = "gated-norm"
     key = "gated_norm"
+    module_pass = True  # inserts the paper's module: `pipeline --control` leaves it out
 
     def __post_init__(self):
         if not 1 <= self.rank <= 4096:

@@ -33,6 +33,7 @@ class GLU:
     alpha: float = 0.0
     name = "glu"
     key = "glu"
+    module_pass = False
 
     def __post_init__(self):
         try:

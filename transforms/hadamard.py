@@ -54,6 +54,7 @@ class Hadamard:
     groups: tuple[str, ...] = GROUPS
     name = "hadamard"
     key = "hadamard"
+    module_pass = False
     preserves_function = True
 
     def __post_init__(self):

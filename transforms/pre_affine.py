@@ -19,6 +19,7 @@ from .base import NormTransform
 class PreAffine(NormTransform):
     name = "pre-affine"
     key = "pre_affine"
+    module_pass = True  # inserts the paper's module: `pipeline --control` leaves it out
 
     def rewrite_norm(self, plan: Plan, norm: str) -> None:
         weight = plan.require(f"{norm}.weight").spec

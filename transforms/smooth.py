@@ -94,6 +94,7 @@ class Smooth:
     progress: bool = False
     name = "smooth"
     key = "smooth"
+    module_pass = False
     preserves_function = True
 
     def __post_init__(self):

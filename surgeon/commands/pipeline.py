@@ -29,6 +29,10 @@ def add_parser(sub):
     p.add_argument("--recipe", default=d.recipe, help="training recipe: a YAML file or a shipped name (%(default)s)")
     p.add_argument("--train-steps", type=int, help="override the recipe's number of steps")
     p.add_argument("--no-train", action="store_true", help="stop after the training-free conversion")
+    p.add_argument("--control", action="store_true",
+                   help="also convert the source with the same passes minus the norm modules (gated-norm, pre-affine, "
+                        "absorb-sinks), train it with the same recipe and budget, export it to model-control/ and "
+                        "report it beside the trained model: what the modules bought")
     p.add_argument("--force", action="store_true", help="replace an existing run directory")
     p.set_defaults(func=run)
 
@@ -39,7 +43,7 @@ def run(args) -> int:
 
     cfg = PipelineConfig(model=args.model, data=args.data, rank=args.rank, scan_tokens=args.scan_tokens,
                          eval_windows=args.eval_windows, seq_len=args.seq_len, eval_files=args.eval_files,
-                         recipe=args.recipe, train_steps=args.train_steps, train=not args.no_train,
+                         recipe=args.recipe, train_steps=args.train_steps, train=not args.no_train, control=args.control,
                          smooth_alpha=None if args.no_smooth else args.smooth_alpha, hadamard=not args.no_hadamard)
     run_pipeline(cfg, args.out, force=args.force)
     return 0
