@@ -7,11 +7,13 @@ scan.json) and a path, so before/after figures can be redrawn from saved reports
                          and the attention-sink score per layer
   token_heatmap.png      |h| of the first window's first tokens × the top dimensions at the peak layer, log
                          colour — the massive activation on the first token (Sun et al. Fig. 1 style)
+  gates.png              (models with GatedNorms) per layer and norm role, mean |g − ½| and corr(g, |y|)
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import matplotlib
@@ -21,6 +23,7 @@ matplotlib.use("Agg")  # before pyplot: scans run on headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .scan import ScanReport  # noqa: E402
 
@@ -124,10 +127,42 @@ def token_heatmap(report: ScanReport, path: str | os.PathLike) -> Path | None:
     return _save(fig, Path(path))
 
 
+def gate_stats(report: ScanReport, path: str | os.PathLike) -> Path | None:
+    """One line per norm role (input_layernorm, post_attention_layernorm, …) over the layers; norms outside the
+    layers (the final norm) sit one step after the last layer."""
+    if not report.gates:
+        return None
+    roles: dict[str, list[tuple[int, dict]]] = {}
+    for name, row in report.gates["norms"].items():
+        match = re.search(r"layers\.(\d+)\.(.+)$", name)
+        layer, role = (int(match[1]), match[2]) if match else (report.num_layers, name.rsplit(".", 1)[-1])
+        roles.setdefault(role, []).append((layer, row))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    for role, rows in roles.items():
+        rows.sort(key=lambda lr: lr[0])
+        layers = [layer for layer, _ in rows]
+        style = "o-" if len(rows) > 1 else "s"
+        top.plot(layers, [row["mean_abs_dev"] for _, row in rows], style, label=role)
+        bottom.plot(layers, [np.nan if row["corr_abs_y"] is None else row["corr_abs_y"] for _, row in rows], style,
+                    label=role)
+    top.set_ylabel("mean |g − ½|")
+    top.set_title(f"{report.model}: GatedNorm gates ({report.tokens:,} tokens)", fontsize=10)
+    bottom.axhline(0, color="grey", lw=0.8)
+    bottom.set_ylim(-1.02, 1.02)
+    bottom.set_ylabel("corr(g, |y|)\n< 0: outliers damped")
+    bottom.set_xlabel("decoder layer (final norm after the last)")
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in (top, bottom):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, Path(path))
+
+
 def write_all(report: ScanReport, out_dir: str | os.PathLike) -> list[Path]:
     """Every figure of the report into `out_dir`; returns the paths written."""
     out = Path(out_dir)
     written = [residual_heatmap(report, out / "residual_heatmap.png"),
                max_abs_per_layer(report, out / "max_abs.png"),
-               token_heatmap(report, out / "token_heatmap.png")]
+               token_heatmap(report, out / "token_heatmap.png"),
+               gate_stats(report, out / "gates.png")]
     return [p for p in written if p is not None]

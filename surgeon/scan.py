@@ -23,6 +23,9 @@ carries the λ of every residual-reading norm at that dimension (input_layernorm
 layer, and the final norm; `pre_affine` λ1 too for converted models), and `scale_pow2`, the largest power of two
 ≤ ratio_to_median, a suggested s_k.
 
+Model-wide `gates` (converted models with GatedNorms): per norm, how far its gate g has moved from ½, its spread
+over channels and over tokens, and its correlation with |y| (surgeon.gates, measured in the same pass).
+
 scan.json (schema_version 1), all floats plain JSON numbers:
 
     {"schema_version": 1, "model": str, "model_path": str, "model_type": str, "num_layers": L,
@@ -41,7 +44,11 @@ scan.json (schema_version 1), all floats plain JSON numbers:
                   "token_id", "count"}],                       # sorted by abs, at most top_k per point
      "residual_mean_abs": [[d floats] × (L+1)],                 # per point, per dim, position 0 excluded
      "first_token_mean_abs": [[d floats] × (L+1)],              # per point, per dim, position 0 only
-     "token_sample": {"point", "positions", "tokens", "dims", "abs": [[len(dims) floats] × len(positions)]}}
+     "token_sample": {"point", "positions", "tokens", "dims", "abs": [[len(dims) floats] × len(positions)]},
+     "gates": {"norms": {module path: {"mean_abs_dev", "spread_channels", "spread_tokens", "corr_abs_y",
+                                       "g_min", "g_max", "tokens"}}, "mean": {...}} | null}
+                                                                # surgeon.gates; null without GatedNorms (and
+                                                                # absent from scan.json written before it)
 
 `layer` is the decoder layer index (−1 for the embedding) and `point` the residual-stream point (layer + 1).
 """
@@ -61,6 +68,8 @@ import torch
 from torch import nn
 
 from .errors import SurgeonError
+from .gates import GateRecorder
+from .threads import single_thread
 
 SCHEMA_VERSION = 1
 SCAN_ATTENTION = "surgeon_scan"
@@ -146,6 +155,7 @@ class ScanReport:
     first_token_mean_abs: list[list[float]] = field(repr=False)
     token_sample: dict = field(repr=False)
     schema_version: int = SCHEMA_VERSION
+    gates: dict | None = field(default=None, repr=False)  # optional: older scan.json files load with None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -309,14 +319,8 @@ class _Recorder:
 
     @torch.no_grad()
     def residual(self, point: int, hidden: torch.Tensor) -> None:
-        # These reductions are small and memory-bound: one thread does them as fast as two, and on a shared
-        # machine a second OpenMP thread waiting for a busy core makes each of them ~20x slower.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with single_thread(hidden):
             self._residual(point, hidden)
-        finally:
-            torch.set_num_threads(threads)
 
     def _residual(self, point: int, hidden: torch.Tensor) -> None:
         a = hidden.detach().abs().float()  # (batch, seq, d)
@@ -497,6 +501,7 @@ def scan(model: nn.Module, tokenizer, windows: Iterable[torch.Tensor], *, model_
     has_bos = True
 
     handles = recorder.hooks(model)
+    gates = GateRecorder(model)
     try:
         with _scan_attention_enabled(model, recorder) as sinks_on, _progress(progress, total_tokens) as advance, \
                 torch.inference_mode():
@@ -512,11 +517,12 @@ def scan(model: nn.Module, tokenizer, windows: Iterable[torch.Tensor], *, model_
     finally:
         for handle in handles:
             handle.remove()
+        gates.remove()
     if n_windows == 0:
         raise SurgeonError("scan got no token windows: pass more text (or fewer --skip-tokens)")
     return _build_report(model, tokenizer, recorder, model_name=model_name, model_path=model_path,
                          windows=n_windows, tokens=n_tokens, seq_len=seq_len, bos=has_bos,
-                         sinks_recorded=sinks_on,
+                         sinks_recorded=sinks_on, gates=gates.results(),
                          thresholds={"massive_abs": massive_abs, "massive_ratio": massive_ratio,
                                      "sink_ratio": sink_ratio, "max_sinks": max_sinks, "top_k": top_k})
 
@@ -545,7 +551,7 @@ def _progress(enabled: bool, total: int | None):
 
 
 def _build_report(model, tokenizer, rec: _Recorder, *, model_name, model_path, windows, tokens, seq_len, bos,
-                  sinks_recorded, thresholds) -> ScanReport:
+                  sinks_recorded, thresholds, gates=None) -> ScanReport:
     P, d = rec.n_points, rec.d
     top_k, sink_ratio, max_sinks = thresholds["top_k"], thresholds["sink_ratio"], thresholds["max_sinks"]
     rest = rec.sum_abs / rec.count_rest if rec.count_rest else rec.sum_abs_first / max(rec.count_first, 1)
@@ -618,7 +624,7 @@ def _build_report(model, tokenizer, rec: _Recorder, *, model_name, model_path, w
         layers=layers, sinks=sinks, massive=massive,
         residual_mean_abs=[[_r(float(x), 4) for x in row] for row in rest],
         first_token_mean_abs=[[_r(float(x), 4) for x in row] for row in first],
-        token_sample=token_sample)
+        token_sample=token_sample, gates=gates)
 
 
 def _residual_norms(model) -> dict[str, list[dict[str, torch.Tensor]] | dict[str, torch.Tensor]]:
@@ -655,7 +661,7 @@ def _layer_label(layer: int) -> str:
 
 
 def print_report(report: ScanReport, console=None, max_rows: int = 40) -> None:
-    """The report as rich tables: per layer, the sinks, the largest massive activations."""
+    """The report as rich tables: per layer, the sinks, the largest massive activations, the gates."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
@@ -722,3 +728,28 @@ def print_report(report: ScanReport, console=None, max_rows: int = 40) -> None:
     console.print(massive)
     console.print(f"peak |h| = {report.peak['value']:,.1f} at layer {report.peak['layer']} dim {report.peak['dim']}, "
                   f"token {report.peak['token']!r} (position {report.peak['position']})")
+    if report.gates:
+        _print_gates(report.gates, console, Table, box)
+
+
+def _print_gates(gates: dict, console, Table, box, max_rows: int = 12) -> None:
+    """Per-norm gate statistics; with more than `max_rows` norms, the ones whose gates moved most."""
+    norms = gates["norms"]
+    names = list(norms)
+    title = "gates: g = σ(W_up silu(W_down y)) after each GatedNorm, ½ at identity init"
+    if len(names) > max_rows:
+        names = sorted(names, key=lambda n: -norms[n]["mean_abs_dev"])[:max_rows]
+        title += f" — the {max_rows} of {len(norms)} norms that moved most"
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("norm", "mean|g−½|", "spread ch", "spread tok", "corr(g,|y|)", "g min", "g max"):
+        table.add_column(column, justify="left" if column == "norm" else "right", no_wrap=True)
+
+    def cells(row):
+        corr = row["corr_abs_y"]
+        return (f"{row['mean_abs_dev']:.4f}", f"{row['spread_channels']:.4f}", f"{row['spread_tokens']:.4f}",
+                "—" if corr is None else f"{corr:+.3f}", f"{row['g_min']:.3f}", f"{row['g_max']:.3f}")
+
+    for name in names:
+        table.add_row(name.removeprefix("model."), *cells(norms[name]))
+    table.add_row(f"mean of {len(norms)}", *cells(gates["mean"]), style="bold")
+    console.print(table)

@@ -4,6 +4,8 @@
   outliers.png    residual peak max |h|, the sink dimensions' mean |h| and the mean linear-input max/RMS per
                   measurement (log scale)
   residual.png    max |h| per residual point (embedding, then each layer) at the first and the last measurement
+  gates.png       (models with GatedNorms) per measurement, the mean over the norms of mean |g − ½| and g's spread
+                  over channels and over tokens, and of corr(g, |y|) (surgeon.gates)
 """
 
 from __future__ import annotations
@@ -68,4 +70,25 @@ def draw_curves(metrics_path: str | os.PathLike, out_dir: str | os.PathLike) -> 
         ax.legend()
         ax.grid(alpha=0.3, which="both")
         written.append(_save(fig, out_dir / "residual.png"))
+
+    gated = [r for r in evals if r["eval"].get("gates")]
+    if gated:
+        steps = [r["step"] for r in gated]
+        means = [r["eval"]["gates"]["mean"] for r in gated]
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
+        for key, label in (("mean_abs_dev", "mean |g − ½|"), ("spread_channels", "spread over channels"),
+                           ("spread_tokens", "spread over tokens")):
+            top.plot(steps, [m[key] for m in means], "o-", label=label)
+        top.set_ylabel("gate g (½ at init)")
+        top.set_title("GatedNorm gates, mean over the norms", fontsize=10)
+        top.legend(fontsize=8)
+        corr = [float("nan") if m["corr_abs_y"] is None else m["corr_abs_y"] for m in means]
+        bottom.plot(steps, corr, "o-", color="tab:red", label="corr(g, |y|) (< 0: outliers damped)")
+        bottom.axhline(0, color="grey", lw=0.8)
+        bottom.set_ylim(-1.02, 1.02)
+        bottom.set_xlabel("step")
+        bottom.legend(fontsize=8)
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+        written.append(_save(fig, out_dir / "gates.png"))
     return written

@@ -17,6 +17,9 @@ JSON-serializable dict (dimension keys are strings, so a JSON round trip returns
     linear_input_max_rms         per linear layer W4A4 quantizes (lm_head and gate projections skipped): the mean
                                  over tokens of max|x| / rms(x); then the mean over those layers
     linear_input_max_rms_worst   the largest per-layer value, and linear_input_max_rms_worst_layer its name
+    gates                        only for a model with GatedNorms: surgeon.gates' statistics of every gate
+                                 ({"norms": {module path: {mean_abs_dev, spread_channels, spread_tokens,
+                                 corr_abs_y, g_min, g_max, tokens}}, "mean": {...}}), in the same pass
 
 Memory is O(layers × d): running sums only. The model's train/eval mode is restored afterwards.
 """
@@ -31,18 +34,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgeon.errors import SurgeonError
+from surgeon.gates import GateRecorder
 from surgeon.quant import DEFAULT_SKIP, quantized_linears
 from surgeon.scan import decoder_layers
-from surgeon.train.objectives import single_thread
+from surgeon.threads import single_thread
+from surgeon.threads import unwrap as _unwrap
 
 TOP_DIMS = 4
 RMS_EPS = 1e-8
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
 
 
 @torch.no_grad()
@@ -91,6 +90,7 @@ def measure(model: nn.Module, heldout_batches: Iterable, sink_dims: Sequence[int
             lambda m, a, out, p=i + 1: residual(p, out[0] if isinstance(out, tuple) else out)))
     for j, (_, layer) in enumerate(linears):
         handles.append(layer.register_forward_pre_hook(lambda m, a, j=j: linear(j, a[0]) if a else None))
+    gates = GateRecorder(model)
 
     was_training = model.training
     model.eval()
@@ -116,6 +116,7 @@ def measure(model: nn.Module, heldout_batches: Iterable, sink_dims: Sequence[int
     finally:
         for handle in handles:
             handle.remove()
+        gates.remove()
         model.train(was_training)
     if not batches:
         raise SurgeonError("measure: no held-out batch given")
@@ -130,7 +131,7 @@ def measure(model: nn.Module, heldout_batches: Iterable, sink_dims: Sequence[int
     per_layer = (lin_sum / lin_tokens.clamp(min=1)).tolist()
     worst = max(range(len(per_layer)), key=per_layer.__getitem__) if per_layer else None
     loss = loss_sum / tokens if tokens else float("nan")
-    return {
+    metrics = {
         "loss": loss,
         "ppl": math.exp(loss) if tokens and loss < 700 else float("inf") if tokens else float("nan"),
         "tokens": tokens,
@@ -143,3 +144,7 @@ def measure(model: nn.Module, heldout_batches: Iterable, sink_dims: Sequence[int
         "linear_input_max_rms_worst": per_layer[worst] if per_layer else float("nan"),
         "linear_input_max_rms_worst_layer": linears[worst][0] if per_layer else None,
     }
+    gate_stats = gates.results()
+    if gate_stats is not None:
+        metrics["gates"] = gate_stats
+    return metrics

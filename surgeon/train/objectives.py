@@ -72,6 +72,8 @@ from torch import nn
 from surgeon.errors import SurgeonError
 from surgeon.modeling import AnnealedGLUActivation, set_glu_alpha
 from surgeon.quant import DEFAULT_SKIP, quantize_activation, quantize_weight, quantized_linears
+from surgeon.threads import single_thread
+from surgeon.threads import unwrap as _unwrap
 from surgeon.train.engine import is_new_parameter
 
 QAT_FORMATS = ("int4", "nvfp4")
@@ -198,22 +200,6 @@ def glu_alpha(step: int, steps: tuple[int, int]) -> float:
 # ----------------------------------------------------------------------------- differentiable max/RMS
 
 
-@contextmanager
-def single_thread(x: torch.Tensor) -> Iterator[None]:
-    """One intra-op thread for small memory-bound reductions on CPU tensors: as fast as two, and on a shared
-    machine a second thread waiting for a busy core makes them several times slower (measured on SmolLM2's
-    per-step pressure statistics, 2 shared cores: 0.65 s with one thread, 3.5 s with two; see surgeon.scan)."""
-    if x.device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 class _MaxRMS(torch.autograd.Function):
     """Per row of x (…, d): s = smax_τ(|x| / sqrt(mean(x²) + ε)), float32. Saves x and (rms, s) per row only."""
 
@@ -292,13 +278,6 @@ def _qat_forward(layer: nn.Linear, fmt: str):
 
 
 # ----------------------------------------------------------------------------- objectives
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model itself when given a wrapper (DeepSpeed engine, DDP) that keeps it as `.module`."""
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
 
 
 def _input_ids(batch) -> torch.Tensor:
