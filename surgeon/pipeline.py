@@ -320,6 +320,7 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
         ("sink dimensions (mean \\|h\\| ÷ median)",
          lambda r: ", ".join(f"{s.dim} ({s.ratio_to_median:.0f}×)" for s in r.sinks[:4]) or "none"),
         ("attention on first token (mean over layers)", lambda r: f"{_attention(r):.2f}"),
+        ("GatedNorm gates: mean \\|g − ½\\|, corr(g, \\|y\\|) (mean over norms)", _gate_figures),
     ]
     for label, get in rows:
         lines.append(f"| {label} | " + " | ".join(get(r) for r in scans) + " |")
@@ -408,6 +409,15 @@ def _control_section(result: PipelineResult, columns: list[str]) -> list[str]:
     lines.append("| trained ÷ control | " + " | ".join(f"{trained[f] / control[f]:.3f}" for f in ("none", *columns))
                  + f" | {peaks['trained'] / peaks['control']:.3f} |")
     return lines
+
+
+def _gate_figures(report: ScanReport) -> str:
+    """How far the gates moved from ½ and whether they suppress large |y| (negative correlation); – without gates."""
+    mean = (report.gates or {}).get("mean")
+    if not mean:
+        return "–"
+    corr = mean["corr_abs_y"]
+    return f"{mean['mean_abs_dev']:.4f}, {'–' if corr is None else f'{corr:+.2f}'}"
 
 
 def _attention(report: ScanReport) -> float:

@@ -137,6 +137,9 @@ def test_control_shares_every_pass_and_the_recipe_but_the_module_passes(tmp_path
     report = (out / "report.md").read_text()
     assert "| | source | converted | trained | control |" in report
     assert "## What the norm modules bought" in report and "| trained ÷ control |" in report
+    gates = next(line for line in report.splitlines() if line.startswith("| GatedNorm gates"))
+    assert gates.split(" | ")[1:3] == ["–", "0.0000, –"] and gates.endswith("| – |")  # source, converted (½), control
+    assert result.scans["trained"].gates["mean"]["mean_abs_dev"] > 0  # trained gates moved off ½
     assert "converted with smooth + hadamard" in report and "![control training loss](train-control/loss.png)" in report
     assert (out / "scan-control" / "scan.json").is_file()
     results = json.loads((out / "results.json").read_text())
