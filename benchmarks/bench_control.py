@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """What the norm modules buy as the budget grows: `surgeon pipeline --control` at several training budgets.
 
-For each budget (--steps, e.g. 40,160,640) and seed, one pipeline run with --control: the main job's model
-(gated-norm + pre-affine + absorb-sinks + smooth + hadamard) and its control (the same passes without the norm
+For each budget (--steps, e.g. 40,160,640) and seed, one pipeline run with --control and --gated-norm (unless
+--no-gated-norm): the norm modules' model (gated-norm + pre-affine + absorb-sinks + smooth + hadamard) and its control (the same passes without the norm
 modules) trained with the same recipe, budget and text. Both are evaluated on the pipeline's evaluation text
 (the first --eval-files files) and on text held apart from everything (the next --held-files files: no
 training, no smooth calibration, no recipe tuning ever read them). Rows are appended to
@@ -29,7 +29,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_csv import RESULTS_DIR, append_rows  # noqa: E402
 
-HEADER = ["date", "steps", "seed", "recipe", "model", "text", "tokens", "fp32", "nvfp4", "int4", "nvfp4_x",
+HEADER = ["date", "steps", "seed", "recipe", "gated_norm", "model", "text", "tokens", "fp32", "nvfp4", "int4", "nvfp4_x",
           "int4_x", "fp32_vs_control", "nvfp4_vs_control", "int4_vs_control", "residual_peak", "gate_dev", "minutes"]
 
 
@@ -70,6 +70,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", default="40", help="comma-separated training budgets (%(default)s)")
     ap.add_argument("--seeds", default="0", help="comma-separated recipe seeds (data order; %(default)s)")
     ap.add_argument("--recipe", default="smollm2-cpu", help="the pipeline's recipe (%(default)s)")
+    ap.add_argument("--gated-norm", action=argparse.BooleanOptionalAction, default=True,
+                    help="the modules' model has GatedNorm (default) or only PreAffine + absorb-sinks")
     ap.add_argument("--model", default="default")
     ap.add_argument("--data", default="default")
     ap.add_argument("--eval-files", type=int, default=2)
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
             recipe.write_text(yaml.safe_dump({**base, "steps": steps, "seed": seed,
                                               "save_every": steps, "eval_every": max(steps // 4, 1)}))
             tic = time.perf_counter()
-            result = run(PipelineConfig(model=args.model, data=str(data), recipe=str(recipe), control=True,
+            result = run(PipelineConfig(model=args.model, data=str(data), recipe=str(recipe), control=True, gated_norm=args.gated_norm,
                                         eval_files=args.eval_files), out)
             minutes = (time.perf_counter() - tic) / 60
             figures = {label: {"eval": {"tokens": result.evals[label].tokens, **result.evals[label].perplexity},
@@ -106,7 +108,7 @@ def main(argv=None) -> int:
                     ppl = figures[label][text]
                     rows.append({
                         "date": time.strftime("%Y-%m-%d"), "steps": steps, "seed": seed, "recipe": args.recipe,
-                        "model": label, "text": text, "tokens": ppl["tokens"],
+                        "gated_norm": args.gated_norm, "model": label, "text": text, "tokens": ppl["tokens"],
                         **{f: round(ppl[k], 3) for f, k in (("fp32", "none"), ("nvfp4", "nvfp4"), ("int4", "int4"))},
                         "nvfp4_x": round(ppl["nvfp4"] / ppl["none"], 4), "int4_x": round(ppl["int4"] / ppl["none"], 4),
                         **{f"{f}_vs_control": round(ppl[k] / control[k], 4)

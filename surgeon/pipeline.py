@@ -1,5 +1,6 @@
-"""The main job, stage by stage: scan the source → convert (GatedNorm, PreAffine, the scanned residual sinks
-absorbed into PreAffine, SmoothQuant scales folded into the weights, the linear inputs Hadamard-rotated; verified) → scan the result → continued
+"""The main job, stage by stage: scan the source → convert (PreAffine, the scanned residual sinks absorbed into it,
+SmoothQuant scales folded into the weights, the linear inputs Hadamard-rotated, GatedNorm with --gated-norm;
+verified) → scan the result → continued
 pretraining with the tuned recipe → export → scan and evaluate the export → a markdown report with the tables
 and plots, source, converted and trained side by side (perplexity, NVFP4 and INT4 W4A4).
 
@@ -45,6 +46,7 @@ DIRS = {"converted": "model-converted", "trained": "model-trained", "control-con
 class PipelineConfig:
     model: str = "default"
     data: str = "default"
+    gated_norm: bool = False  # GatedNorm after each residual-reading norm (measured: no W4A4 gain at this budget)
     rank: int = 16
     smooth_alpha: float | None = SMOOTH_PASS_ALPHA  # α of the smooth pass (on the training text); None: no pass
     hadamard: bool = True  # rotate every dense linear's input online (after smooth)
@@ -81,10 +83,11 @@ def split_text(paths: list[Path], eval_files: int) -> tuple[list[Path], list[Pat
 
 def conversion_passes(cfg: PipelineConfig, sinks_scan: Path | None, train_paths: list[Path], *,
                       control: bool = False) -> list:
-    """The main job's passes in order: GatedNorm, PreAffine, absorb-sinks (when the scan found sinks), smooth,
-    hadamard. `control`: the same without the passes that insert or work through the norm modules (each pass's
+    """The main job's passes in order: GatedNorm (with `gated_norm`), PreAffine, absorb-sinks (when the scan found
+    sinks), smooth, hadamard. `control`: the same without the passes that insert or work through the norm modules (each pass's
     `module_pass`), so the control differs from the main run by the modules alone."""
-    passes = [GatedNorm(rank=cfg.rank), PreAffine()]
+    passes = [GatedNorm(rank=cfg.rank)] if cfg.gated_norm else []
+    passes.append(PreAffine())
     if sinks_scan is not None:
         passes.append(AbsorbSinks(scan=sinks_scan))
     if cfg.smooth_alpha is not None:  # calibrated on the training text: the evaluation text stays unseen
@@ -224,7 +227,7 @@ def _absorbed(block: dict) -> str:
     if not sinks:
         return ""
     untied = " and the LM head untied from the embedding" if block["absorb_sinks"].get("untied_lm_head") else ""
-    return "; absorbed " + ", ".join(f"dim {s['dim']} ÷{s['scale']:g}" for s in sinks) + untied
+    return "absorbed " + ", ".join(f"dim {s['dim']} ÷{s['scale']:g}" for s in sinks) + untied
 
 
 def _smoothed(block: dict) -> str:
@@ -232,7 +235,7 @@ def _smoothed(block: dict) -> str:
     if not block:
         return ""
     low, high = block["log2_scale_range"]
-    return (f"; smoothed with α {block['alpha']:g} on {block['calibration_tokens']:,} training tokens, "
+    return (f"smoothed with α {block['alpha']:g} on {block['calibration_tokens']:,} training tokens, "
             f"scales 2^{low}…2^{high}")
 
 
@@ -240,7 +243,7 @@ def _rotated(block: dict) -> str:
     groups = (block.get("hadamard") or {}).get("groups")
     if not groups:
         return ""
-    return "; inputs of " + ", ".join(f"{g} (blocks of {v['block']})" for g, v in groups.items()) + " Hadamard-rotated"
+    return "inputs of " + ", ".join(f"{g} (blocks of {v['block']})" for g, v in groups.items()) + " Hadamard-rotated"
 
 
 def _format_label(fmt: str) -> str:
@@ -285,8 +288,9 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
     lines = [
         f"# surgeon main job: {cfg.model}", "",
         f"Model `{cfg.model}` ({conversion.family}, {conversion.params_before:,} parameters), text `{cfg.data}`. "
-        f"Converted with {', '.join(conversion.transforms)} (rank {cfg.rank}{_absorbed(surgeon)}"
-        f"{_smoothed(surgeon)}{_rotated(surgeon)}): "
+        f"Converted with {', '.join(conversion.transforms)} ("
+        + "; ".join(filter(None, (f"rank {cfg.rank}" if "gated_norm" in surgeon else "", _absorbed(surgeon),
+                                  _smoothed(surgeon), _rotated(surgeon)))) + "): "
         f"+{conversion.params_after - conversion.params_before:,} parameters; verified max |Δlogit| "
         f"{result.verify['max_abs_diff']:.3g} over {result.verify['tokens']} tokens.", "",
     ]
@@ -355,13 +359,14 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
             + "."]
     if "control" in result.evals:
         lines += _control_section(result, columns)
-    lines += ["", "The converted model computes the same function as the source: the gates are identity-initialized, "
-              "and each sink dimension is divided by a power of two in every residual writer (embedding, o_proj and "
+    lines += ["", "The converted model computes the same function as the source: "
+              + ("the gates are identity-initialized, and " if "gated_norm" in surgeon else "")
+              + "each sink dimension is divided by a power of two in every residual writer (embedding, o_proj and "
               "down_proj rows) and multiplied back in every reading norm's PreAffine. The residual stream shrinks "
               "while every norm output stays as it was. "
               + ("The smooth pass then divides each input channel j of the q/k/v, gate/up and down_proj layers by a "
                  "power of two s_j (SmoothQuant's balance of activation and weight maxima, folded into the norm "
-                 "weights, GatedNorm's down projection and up_proj's rows) and multiplies the reading weights' "
+                 "weights" + (", GatedNorm's down projection" if "gated_norm" in surgeon else "") + " and up_proj's rows) and multiplies the reading weights' "
                  "column j by s_j: bit for bit the same function, but the activations' per-channel outliers now "
                  "sit in the weights, where INT4's groups of 32 take them. " if smooth else
                  "Activation quantization sees the same values (NVFP4's FP8 block scales are relative to one scale "

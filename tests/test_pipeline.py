@@ -43,7 +43,7 @@ def test_pipeline_runs_end_to_end(tmp_path):
     (tmp_path / "text.txt").write_text(TEXT)
 
     (tmp_path / "recipe.yaml").write_text(RECIPE)
-    cfg = PipelineConfig(model=str(src), data=str(tmp_path / "text.txt"), rank=4, scan_tokens=256, seq_len=32,
+    cfg = PipelineConfig(model=str(src), data=str(tmp_path / "text.txt"), gated_norm=True, rank=4, scan_tokens=256, seq_len=32,
                          eval_windows=2, eval_skip_tokens=32, batch_size=2, recipe=str(tmp_path / "recipe.yaml"))
     result = run(cfg, tmp_path / "run")
     out = tmp_path / "run"
@@ -110,7 +110,7 @@ def test_control_shares_every_pass_and_the_recipe_but_the_module_passes(tmp_path
         (tmp_path / "text").mkdir(exist_ok=True)
         (tmp_path / "text" / f"{i}.txt").write_text(TEXT)
     (tmp_path / "recipe.yaml").write_text(RECIPE)
-    cfg = PipelineConfig(model=str(src), data=str(tmp_path / "text"), rank=4, scan_tokens=256, seq_len=32,
+    cfg = PipelineConfig(model=str(src), data=str(tmp_path / "text"), gated_norm=True, rank=4, scan_tokens=256, seq_len=32,
                          eval_windows=2, eval_skip_tokens=32, batch_size=2, eval_files=1,
                          recipe=str(tmp_path / "recipe.yaml"), control=True)
     result = run(cfg, tmp_path / "run")
@@ -188,3 +188,18 @@ def test_smooth_and_hadamard_flags_reach_the_config(monkeypatch, tmp_path):
     assert main(base) == 0 and main([*base, "--smooth-alpha", "0.6"]) == 0 and main([*base, "--no-smooth"]) == 0
     assert [cfg.smooth_alpha for cfg in seen] == [0.8, 0.6, None]
     assert main([*base, "--no-hadamard"]) == 0 and [cfg.hadamard for cfg in seen] == [True] * 3 + [False]
+    assert main([*base, "--gated-norm", "--rank", "8"]) == 0 and (seen[-1].gated_norm, seen[-1].rank) == (True, 8)
+    assert [cfg.gated_norm for cfg in seen[:-1]] == [PipelineConfig().gated_norm] * 4
+
+
+def test_the_default_passes(tmp_path):
+    """Without --gated-norm the main job converts with pre-affine (+ absorb-sinks when the scan found sinks), smooth
+    and hadamard; with it, GatedNorm comes first. The control drops the module passes either way."""
+    from surgeon.pipeline import conversion_passes
+
+    for gated in (False, True):
+        cfg = PipelineConfig(gated_norm=gated)
+        names = [p.name for p in conversion_passes(cfg, tmp_path / "scan.json", [tmp_path / "t.txt"])]
+        assert names == ["gated-norm"] * gated + ["pre-affine", "absorb-sinks", "smooth", "hadamard"]
+        assert [p.name for p in conversion_passes(cfg, None, [tmp_path / "t.txt"], control=True)] == ["smooth",
+                                                                                                 "hadamard"]

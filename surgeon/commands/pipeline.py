@@ -1,9 +1,10 @@
 """surgeon pipeline [--model default] [--data default] --out DIR: the main job — scan the source, convert it
-(GatedNorm + PreAffine + absorb-sinks + smooth + hadamard, verified), scan the result, train it with the tuned recipe, export it,
+(PreAffine + absorb-sinks + smooth + hadamard, GatedNorm with --gated-norm; verified), scan the result, train it with the tuned recipe, export it,
 evaluate source, converted and trained side by side (fp32, NVFP4 and INT4 W4A4), write report.md."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 
@@ -16,6 +17,9 @@ def add_parser(sub):
     p.add_argument("--model", default=d.model, help="model directory, .gguf, hub id, or 'default' (SmolLM2-135M)")
     p.add_argument("--data", default=d.data, help="text file, folder, JSONL, or 'default' (Shakespeare)")
     p.add_argument("--out", type=Path, required=True, help="run directory (must not exist unless --force)")
+    p.add_argument("--gated-norm", action=argparse.BooleanOptionalAction, default=d.gated_norm,
+                   help="insert GatedNorm after every residual-reading norm (default: off; measured against the "
+                        "control, see README)")
     p.add_argument("--rank", type=int, default=d.rank, help="GatedNorm rank (%(default)s)")
     p.add_argument("--smooth-alpha", type=float, default=d.smooth_alpha,
                    help="α of the smooth pass (SmoothQuant folded into the weights; %(default)s)")
@@ -41,7 +45,7 @@ def run(args) -> int:
     from ..pipeline import PipelineConfig
     from ..pipeline import run as run_pipeline
 
-    cfg = PipelineConfig(model=args.model, data=args.data, rank=args.rank, scan_tokens=args.scan_tokens,
+    cfg = PipelineConfig(model=args.model, data=args.data, gated_norm=args.gated_norm, rank=args.rank, scan_tokens=args.scan_tokens,
                          eval_windows=args.eval_windows, seq_len=args.seq_len, eval_files=args.eval_files,
                          recipe=args.recipe, train_steps=args.train_steps, train=not args.no_train, control=args.control,
                          smooth_alpha=None if args.no_smooth else args.smooth_alpha, hadamard=not args.no_hadamard)
