@@ -325,8 +325,9 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
         ("sink dimensions (mean \\|h\\| ÷ median)",
          lambda r: ", ".join(f"{s.dim} ({s.ratio_to_median:.0f}×)" for s in r.sinks[:4]) or "none"),
         ("attention on first token (mean over layers)", lambda r: f"{_attention(r):.2f}"),
-        ("GatedNorm gates: mean \\|g − ½\\|, corr(g, \\|y\\|) (mean over norms)", _gate_figures),
     ]
+    if any(r.gates for r in scans):
+        rows.append(("GatedNorm gates: mean \\|g − ½\\|, corr(g, \\|y\\|) (mean over norms)", _gate_figures))
     for label, get in rows:
         lines.append(f"| {label} | " + " | ".join(get(r) for r in scans) + " |")
     if result.training and result.training.get("heldout_last"):

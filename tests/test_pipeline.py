@@ -77,6 +77,7 @@ def test_pipeline_runs_end_to_end(tmp_path):
     report = (out / "report.md").read_text()
     assert "| | source | converted | trained |" in report and "evaluation windows come from the training" in report
     assert "| residual peak max" in report and "INT4 W4A4" in report and "dim 7 ÷" in report
+    assert "| GatedNorm gates" in report
     assert "smoothed with α 0.8" in report and "The smooth pass then divides" in report
     assert "| linear-input max/RMS, mean (worst) — training's held-out | – |" in report  # smooth changed them
     assert "INT4 W4A4 +SQ" in report and set(result.evals["trained"].perplexity) == {
