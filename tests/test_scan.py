@@ -271,7 +271,7 @@ def test_scan_command_argument_errors(tmp_path, capsys):
 
 
 def test_real_smollm2_sink_dimension_507():
-    """EXPERIMENTS.md: SmolLM2's residual stream peaks at ~24.9k in dimension 507 on the first token."""
+    """docs/experiments.md: SmolLM2's residual stream peaks at ~24.9k in dimension 507 on the first token."""
     from surgeon.sources import default_model_file, default_text_dir, iter_token_windows, load_model, \
         resolve_model, resolve_text
 

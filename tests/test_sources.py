@@ -404,7 +404,7 @@ def _defaults_installed() -> str | None:
 
 
 def test_real_smollm2_perplexity_on_shakespeare():
-    """EXPERIMENTS.md: fp32 ppl 55.9 on 8 windows of 256 tokens (+BOS) from token 1000 of the first two plays."""
+    """docs/experiments.md: fp32 ppl 55.9 on 8 windows of 256 tokens (+BOS) from token 1000 of the first two plays."""
     missing = _defaults_installed()
     if missing:
         pytest.skip(f"default model/text not installed: {missing}")

@@ -33,7 +33,7 @@ QAT       `qat` = "int4" | "nvfp4" | a list of them: while the step context is o
           unquantized inputs. `qat_fraction` f < 1 runs only that share of the micro-batches through the
           quantizer (micro-batch g, counted over the run, when ⌊(g+1)·f⌋ > ⌊g·f⌋; f = ½ with grad_accum 2 is one
           quantized and one full-precision micro-batch per step): training through the quantizer alone drifts the
-          full-precision model (EXPERIMENTS.md), the mix keeps both forwards good at the cost of neither.
+          full-precision model (docs/experiments.md), the mix keeps both forwards good at the cost of neither.
           On the quantized micro-batches `qat_lm` (default: `lm`) replaces the LM weight, and `qat_distill` adds
           KL(the same model's full-precision prediction ‖ the quantized one), T = 1, the target computed under
           no_grad on the same batch with the quantizer lifted (one extra forward): the quantized forward learns to
