@@ -6,7 +6,9 @@
         λ ⊙ N(λ1 ⊙ x)
 
 x is (..., d); every argument can require grad. The torch reference in surgeon/modeling/modeling_surgeon.py is the
-definition; the kernels in `gated_norm.py` / `pre_affine_rms_norm.py` must match it (tests/test_kernels.py).
+definition; the kernels in `gated_norm_op.py` / `pre_affine_op.py` must match it (tests/test_kernels.py). The op
+modules are named apart from the functions, so `surgeon.kernels.gated_norm` is always the function; the launch
+helpers both ops share are in `launch.py`.
 
 Backends:
     "auto"     the global default if one is set (`use_backend`, or SURGEON_KERNEL_BACKEND in the environment),
@@ -27,11 +29,9 @@ import threading
 
 from surgeon.modeling.modeling_surgeon import gated_norm_reference, rms_norm_reference
 
-# Note: the functions below shadow the submodules of the same name as attributes of this package (the API is the
-# function); reach the modules with importlib.import_module("surgeon.kernels.gated_norm").
 try:  # Triton is a dependency, but a broken install should cost the kernels, not the model code.
-    from .gated_norm import GatedNormFunction, _gated_norm_fwd_kernel, gated_norm_triton
-    from .pre_affine_rms_norm import PreAffineRMSNormFunction, pre_affine_rms_norm_triton
+    from .gated_norm_op import GatedNormFunction, _gated_norm_fwd_kernel, gated_norm_triton
+    from .pre_affine_op import PreAffineRMSNormFunction, pre_affine_rms_norm_triton
 
     _TRITON_ERROR = None
 except ImportError as exc:  # pragma: no cover - depends on the install

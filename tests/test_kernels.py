@@ -10,16 +10,11 @@ sizes stay small; on a GPU the same tests run the compiled kernels.
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
 from surgeon import kernels
-
-# The submodules share their names with the functions that surgeon.kernels exports, so fetch them by path.
-gated_norm_module = importlib.import_module("surgeon.kernels.gated_norm")
-pre_affine_module = importlib.import_module("surgeon.kernels.pre_affine_rms_norm")
+from surgeon.kernels import gated_norm_op, launch
 from surgeon.modeling import CLASSES, SurgeonRMSNorm, gated_norm_reference, rms_norm_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -140,17 +135,17 @@ def test_pre_affine_rms_norm_matches_reference(shape, pre, dtype):
 
 def test_rank_loop_with_ragged_last_chunk(monkeypatch):
     """Model widths walk the gate channels in chunks; force that on a small shape, with rank 20 in chunks of 8."""
-    monkeypatch.setattr(gated_norm_module, "GATE_TILE_BUDGET", 32 * 64 * 8)
-    block_m = pre_affine_module.block_m_for(64, 37)
-    assert gated_norm_module.block_r_for(20, block_m, 64) == 8
+    monkeypatch.setattr(gated_norm_op, "GATE_TILE_BUDGET", 32 * 64 * 8)
+    block_m = launch.block_m_for(64, 37)
+    assert gated_norm_op.block_r_for(20, block_m, 64) == 8
     params, grad_out = make_params((37, 48), 20, pre=True)
     check_against_reference(gated_triton, gated_ref, GATED, params, grad_out, torch.float32)
 
 
 def test_one_row_per_program(monkeypatch):
     """At model widths (d ≥ 2048) every program gets exactly one row; force that path on a small shape."""
-    monkeypatch.setattr(pre_affine_module, "ROW_TILE_BUDGET", 64)
-    assert pre_affine_module.block_m_for(64, 37) == 1
+    monkeypatch.setattr(launch, "ROW_TILE_BUDGET", 64)
+    assert launch.block_m_for(64, 37) == 1
     params, grad_out = make_params((37, 48), 16, pre=True)
     check_against_reference(gated_triton, gated_ref, GATED, params, grad_out, torch.float32)
     check_against_reference(pre_triton, pre_ref, PRE, params, grad_out, torch.float32)

@@ -61,7 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pre_affine_rms_norm import (
+from .launch import (
     as_rows,
     block_m_for,
     check_row_width,
