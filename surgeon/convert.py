@@ -18,13 +18,13 @@ from .dtypes import parse_dtype
 from .errors import SurgeonError
 from .io import Checkpoint, final_path, parse_size, staged_directory, write_sharded
 from .io.digest import SourceHasher
-from .modeling import BASE_MODEL_TYPES, CLASSES, MODELING_FILE, needs_surgeon_modules, surgeon_model_type
+from .io.hf_dir import MANIFEST, copy_side_files, set_model_type
+from .modeling import BASE_MODEL_TYPES, MODELING_FILE
 from .architectures import base_model_type
 from .plan import Plan
 from .progress import progress_bar
 
 DEFAULT_SHARD_SIZE = "5GB"
-MANIFEST = "surgeon_manifest.json"
 
 
 @dataclass
@@ -62,28 +62,6 @@ def surgeon_config(plan: Plan, source: Checkpoint, sha256: str) -> dict:
     )
     block["source_sha256"] = block["history"][0]["source_sha256"]
     return set_model_type(config, base)
-
-
-def set_model_type(config: dict, base: str) -> dict:
-    """Our model_type, architectures and auto_map when the config needs surgeon's modules; else the stock family's
-    (no auto_map). Shared by convert and export (a GLU model trained to α = 1 is exported stock)."""
-    if base not in BASE_MODEL_TYPES:
-        raise SurgeonError(f"no surgeon model class for family {base!r}; supported: {', '.join(BASE_MODEL_TYPES)}")
-    config_cls, model_cls = CLASSES[base]
-    block = config.get("surgeon") or {}
-    if not needs_surgeon_modules(config):
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-        config["model_type"] = base
-        config["architectures"] = block.get("base_architectures") or [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[base]]
-        config.pop("auto_map", None)
-        return config
-    config["model_type"] = surgeon_model_type(base)
-    config["architectures"] = [model_cls.__name__]
-    module = MODELING_FILE.stem
-    config["auto_map"] = {"AutoConfig": f"{module}.{config_cls.__name__}",
-                          "AutoModelForCausalLM": f"{module}.{model_cls.__name__}"}
-    return config
 
 
 def convert(
@@ -163,17 +141,6 @@ def write_side_tensors(plan: Plan, dest: Path) -> None:
 
     for name, (tensors, metadata) in plan.side_tensors.items():
         save_file({k: v.clone() for k, v in tensors.items()}, str(dest / name), metadata=metadata)  # one storage each
-
-
-def copy_side_files(ckpt: Checkpoint, dest: Path, *, skip: tuple[str, ...] = ()) -> list[str]:
-    """Copy the checkpoint's side files (tokenizer, generation config, templates: Checkpoint.side_files) into
-    `dest`, except the names in `skip`; returns the names copied."""
-    copied = []
-    for side in ckpt.side_files():
-        if side.name not in skip:
-            shutil.copy2(side, dest / side.name)
-            copied.append(side.name)
-    return copied
 
 
 def write_manifest(out: Path, report: ConvertReport, config: dict) -> None:
