@@ -1,6 +1,6 @@
 """surgeon scan: outliers planted in tiny models are found where they were planted; the attention-sink score is
 the attention eager attention computes; the model comes back untouched; scan.json reads back; the CLI writes
-the report and its figures. The real SmolLM2 test skips unless scripts/install_defaults.sh ran."""
+the report and its figures. The real SmolLM2 test needs scripts/install_defaults.sh (tests/real_defaults.py)."""
 
 from __future__ import annotations
 
@@ -267,19 +267,15 @@ def test_scan_command_argument_errors(tmp_path, capsys):
     assert code == 2 and err.startswith("surgeon: error: --tokens must be at least 1") and "\n" not in err
 
 
-# ----------------------------------------------------------------------------- the real default (if installed)
+# ------------------------------------------------------------ the real default (required in CI, else if installed)
 
 
 def test_real_smollm2_sink_dimension_507():
     """docs/experiments.md: SmolLM2's residual stream peaks at ~24.9k in dimension 507 on the first token."""
-    from surgeon.sources import default_model_file, default_text_dir, iter_token_windows, load_model, \
-        resolve_model, resolve_text
+    from real_defaults import require_defaults
+    from surgeon.sources import iter_token_windows, load_model, resolve_model, resolve_text
 
-    try:
-        default_model_file()
-        default_text_dir()
-    except SurgeonError as err:
-        pytest.skip(f"default model/text not installed: {err}")
+    require_defaults()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     model, tokenizer = load_model(resolve_model("default"))
     batches = iter_token_windows(resolve_text("default"), tokenizer, 128, max_tokens=256, batch_size=2)

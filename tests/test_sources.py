@@ -2,7 +2,8 @@
 
 Everything is built here: a tiny Llama with random weights, a byte-level BPE tokenizer, and a GGUF file written
 with the `gguf` package the way llama.cpp's converter writes one (q/k rows permuted, F32 tensors), so the GGUF
-round trip can be checked for exact logits. The real SmolLM2 tests skip unless scripts/install_defaults.sh ran.
+round trip can be checked for exact logits. The real SmolLM2 test needs scripts/install_defaults.sh
+(tests/real_defaults.py: a skip outside CI, a failure in it).
 """
 
 from __future__ import annotations
@@ -391,23 +392,14 @@ def test_short_text_gives_one_short_window_and_no_text_is_an_error(tmp_path):
         list(sources.iter_token_windows([tmp_path / "e.jsonl"], tokenizer, 8))
 
 
-# ----------------------------------------------------------------------------- the real default (if installed)
-
-
-def _defaults_installed() -> str | None:
-    try:
-        sources.default_model_file()
-        sources.default_text_dir()
-    except SurgeonError as err:
-        return str(err)
-    return None
+# ------------------------------------------------------------ the real default (required in CI, else if installed)
 
 
 def test_real_smollm2_perplexity_on_shakespeare():
     """docs/experiments.md: fp32 ppl 55.9 on 8 windows of 256 tokens (+BOS) from token 1000 of the first two plays."""
-    missing = _defaults_installed()
-    if missing:
-        pytest.skip(f"default model/text not installed: {missing}")
+    from real_defaults import require_defaults
+
+    require_defaults()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     model, tokenizer = sources.load_model(sources.resolve_model("default"))
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
