@@ -373,11 +373,11 @@ def test_a_failure_while_writing_leaves_no_output(setup, runs, tmp_path, monkeyp
 def test_checkpoints_are_read_weights_only(setup, runs, tmp_path, monkeypatch):
     """Without the allow-listed DeepSpeed classes the ZeRO checkpoint does not load: torch used its weights-only
     unpickler although DeepSpeed asked for weights_only=False."""
-    from surgeon import export as export_module
     from surgeon.errors import SurgeonError
+    from surgeon.io import ds_checkpoint
 
     before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    monkeypatch.setattr(export_module, "SAFE_DEEPSPEED_GLOBALS", ())
+    monkeypatch.setattr(ds_checkpoint, "SAFE_DEEPSPEED_GLOBALS", ())
     with pytest.raises(SurgeonError, match="refusing to unpickle"):
         _export(runs[2][0], tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
