@@ -414,3 +414,26 @@ def test_a_hostile_checkpoint_is_refused_without_running_its_pickle(setup, runs,
     with pytest.raises(SurgeonError, match="refusing to unpickle"):
         _export(hostile, tmp_path / "out")
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_modeling_files_prefer_the_model_directorys_copy(tmp_path):
+    """The auto_map's files are copied once each, the model directory's own copy first (the code it was trained
+    with), surgeon's otherwise; a file found in neither is an error, not a model directory without its code."""
+    from surgeon.errors import SurgeonError
+    from surgeon.io.hf_dir import copy_modeling_files, modeling_files
+    from surgeon.modeling import MODELING_FILE
+
+    stem = MODELING_FILE.stem
+    config = {"auto_map": {"AutoConfig": f"{stem}.C", "AutoModelForCausalLM": f"{stem}.M", "Other": ["x", "y"]}}
+    assert modeling_files(config) == [MODELING_FILE.name]
+    model_dir, out = tmp_path / "model", tmp_path / "out"
+    model_dir.mkdir()
+    out.mkdir()
+    copy_modeling_files(config, out, model_dir)
+    assert (out / MODELING_FILE.name).read_bytes() == MODELING_FILE.read_bytes()
+    (model_dir / MODELING_FILE.name).write_text("# the trained code\n")
+    copy_modeling_files(config, out, model_dir)
+    assert (out / MODELING_FILE.name).read_text() == "# the trained code\n"
+    with pytest.raises(SurgeonError, match="neither in"):
+        copy_modeling_files({"auto_map": {"AutoConfig": "modeling_elsewhere.C"}}, out, model_dir)
+    assert not (out / "modeling_elsewhere.py").exists()
