@@ -128,8 +128,8 @@ def token_heatmap(report: ScanReport, path: str | os.PathLike) -> Path | None:
 
 
 def gate_stats(report: ScanReport, path: str | os.PathLike) -> Path | None:
-    """One line per norm role (input_layernorm, post_attention_layernorm, …) over the layers; norms outside the
-    layers (the final norm) sit one step after the last layer."""
+    """One line per norm role (its module name inside a layer: the pre-attention norm, the pre-MLP norm, …) over
+    the layers; norms outside the layers (the final norm) sit one step after the last layer."""
     if not report.gates:
         return None
     roles: dict[str, list[tuple[int, dict]]] = {}

@@ -19,9 +19,9 @@ decoder layer i−1, so a model with L layers has L+1 points):
 
 Model-wide `sinks`: dimensions whose mean |h| (position 0 excluded), averaged over the decoder-layer points,
 is at least `sink_ratio` × the median dimension's. These are what absorb-sinks rescales (DESIGN §3); each entry
-carries the λ of every residual-reading norm at that dimension (input_layernorm, post_attention_layernorm per
-layer, and the final norm; `pre_affine` λ1 too for converted models), and `scale_pow2`, the largest power of two
-≤ ratio_to_median, a suggested s_k.
+carries the λ of every residual-reading norm at that dimension (the architecture data's residual readers: per
+layer, keyed by the norm's module name inside the layer, and the final norm as "final"; `pre_affine` λ1 too for
+converted models), and `scale_pow2`, the largest power of two ≤ ratio_to_median, a suggested s_k.
 
 Model-wide `gates` (converted models with GatedNorms): per norm, how far its gate g has moved from ½, its spread
 over channels and over tokens, and its correlation with |y| (surgeon.gates, measured in the same pass).
@@ -38,8 +38,10 @@ scan.json (schema_version 1), all floats plain JSON numbers:
                  "attention_sink_max_head": float | null}],
      "sinks": [{"dim", "mean_abs", "median_mean_abs", "ratio_to_median", "scale_pow2", "max_abs",
                 "first_token_mean_abs", "per_layer_mean_abs": [L+1 floats],
-                "norm_weights": {"input_layernorm": [L], "post_attention_layernorm": [L], "final": float,
+                "norm_weights": {<pre-attention norm>: [L], <pre-MLP norm>: [L], "final": float,
                                  "pre_affine": {same keys, only for converted models}}}],
+                                                                # norm keys: Architecture.reader_key, a
+                                                                # per-layer norm's module name in its layer
      "massive": [{"point", "layer", "dim", "value", "abs", "ratio_to_median", "position", "token",
                   "token_id", "count"}],                       # sorted by abs, at most top_k per point
      "residual_mean_abs": [[d floats] × (L+1)],                 # per point, per dim, position 0 excluded
@@ -67,13 +69,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .architectures import decoder_layers, for_model, module_at
 from .errors import SurgeonError
 from .gates import GateRecorder
 from .threads import single_thread
 
 SCHEMA_VERSION = 1
 SCAN_ATTENTION = "surgeon_scan"
-RESIDUAL_READER_NORMS = ("input_layernorm", "post_attention_layernorm")
 _MEDIAN_SAMPLE = 1 << 16  # elements used to estimate a layer's median |h| (the 1000× criterion needs no more)
 _SINK_CHUNK_BYTES = 64 << 20  # bound on the attention-logit block materialized for the sink score
 # PyTorch's CPU flash-attention kernel returns (output, logsumexp); SDPA uses it on CPU but drops the logsumexp
@@ -192,24 +194,6 @@ class ScanReport:
 # ----------------------------------------------------------------------------- model structure
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks (model.model.layers for every supported family, converted ones included)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    layers = getattr(decoder, "layers", None)
-    if isinstance(layers, nn.ModuleList) and len(layers):
-        return layers
-    for name, module in model.named_modules():
-        if name.endswith("layers") and isinstance(module, nn.ModuleList) and len(module):
-            return module
-    raise SurgeonError(f"cannot find the decoder layers of {type(model).__name__}: scan supports Llama, Mistral, "
-                       f"Qwen2, Qwen3 and converted surgeon_* models")
-
-
-def final_norm(model: nn.Module) -> nn.Module | None:
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    return getattr(decoder, "norm", None)
-
-
 def _norm_vectors(module: nn.Module | None) -> dict[str, torch.Tensor]:
     """The residual-reading scale vectors of a norm: its λ (`weight`) and, on surgeon norms, λ1 (`pre_affine`)."""
     out = {}
@@ -301,8 +285,8 @@ class _Recorder:
         self.sink_sum = torch.zeros(len(self.layers), **f64)
         self.sink_head_sum: list[torch.Tensor | None] = [None] * len(self.layers)
         self.sink_count = [0] * len(self.layers)
-        self.attn_index = {id(layer.self_attn): i for i, layer in enumerate(self.layers)
-                           if hasattr(layer, "self_attn")}
+        # the attention function is handed its attention module: every module of layer i maps to i
+        self.attn_index = {id(m): i for i, layer in enumerate(self.layers) for m in layer.modules()}
         self.input_ids: torch.Tensor | None = None
         self.first_batch = True
         self.fast = _FLASH_CPU is not None  # see attend()
@@ -628,9 +612,18 @@ def _build_report(model, tokenizer, rec: _Recorder, *, model_name, model_path, w
 
 
 def _residual_norms(model) -> dict[str, list[dict[str, torch.Tensor]] | dict[str, torch.Tensor]]:
-    layers = decoder_layers(model)
-    out = {name: [_norm_vectors(getattr(layer, name, None)) for layer in layers] for name in RESIDUAL_READER_NORMS}
-    out["final"] = _norm_vectors(final_norm(model))
+    """The scale vectors of every residual-reading norm the architecture data names, under its scan.json key:
+    a list over the layers for a per-layer norm, one entry for a norm outside the layers (the final norm)."""
+    arch = for_model(model)
+    n_layers = len(decoder_layers(model))
+    out: dict = {}
+    for role in arch.residual_readers:
+        pattern = arch.norm_pattern(role)
+        if "*" in pattern:
+            out[arch.reader_key(role)] = [_norm_vectors(module_at(model, pattern.replace("*", str(i))))
+                                          for i in range(n_layers)]
+        else:
+            out[arch.reader_key(role)] = _norm_vectors(module_at(model, pattern))
     return out
 
 
@@ -638,16 +631,17 @@ def _norms_at(norms: dict, k: int) -> dict:
     """λ (and λ1, when present) of every residual-reading norm at dimension k."""
     result: dict = {}
     pre: dict = {}
-    for name in RESIDUAL_READER_NORMS:
-        rows = norms[name]
+    for name, rows in norms.items():
+        if isinstance(rows, dict):  # a norm outside the layers
+            if "weight" in rows:
+                result[name] = _r(float(rows["weight"][k]))
+            if "pre_affine" in rows:
+                pre[name] = _r(float(rows["pre_affine"][k]))
+            continue
         if any("weight" in r for r in rows):
             result[name] = [_r(float(r["weight"][k])) if "weight" in r else None for r in rows]
         if any("pre_affine" in r for r in rows):
             pre[name] = [_r(float(r["pre_affine"][k])) if "pre_affine" in r else None for r in rows]
-    if "weight" in norms["final"]:
-        result["final"] = _r(float(norms["final"]["weight"][k]))
-    if "pre_affine" in norms["final"]:
-        pre["final"] = _r(float(norms["final"]["pre_affine"][k]))
     if pre:
         result["pre_affine"] = pre
     return result

@@ -26,7 +26,14 @@ def tiny_config(family: str, tied: bool = False, **overrides):
                   num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
                   tie_word_embeddings=tied, head_dim=12, **MOE_KWARGS.get(family, {}))
     kwargs.update(overrides)
-    return AutoConfig.for_model(family, **kwargs)
+    config = AutoConfig.for_model(family, **kwargs)
+    # a family whose default special tokens lie past the tiny vocabulary (SmolLM3's 128000…) gets the tiny
+    # tokenizer's, which the others already have (or none)
+    for key, tiny_id in (("pad_token_id", None), ("bos_token_id", 1), ("eos_token_id", 2)):
+        value = getattr(config, key, None)
+        if key not in overrides and isinstance(value, int) and value >= VOCAB:
+            setattr(config, key, tiny_id)
+    return config
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

@@ -15,6 +15,11 @@ activation (dense MLP, experts, shared expert). `norm_readers` names, per norm r
 that norm's output (the smooth pass rescales their input columns). `linear_inputs` groups the dense linear layers
 by the tensor they read (attention_in: q/k/v, attention_out: o, mlp_in: gate/up, mlp_out: down), for the hadamard
 pass; a family whose experts are fused parameters has none.
+
+Derived from the patterns: `layers`, the module path of the decoder-layer list (what precedes `.*` in every
+per-layer pattern), and each residual reader's key in scan.json (`reader_key`: its module name inside the layer,
+e.g. the pre-attention norm's, or the role for a norm outside the layers, such as "final"). Code that walks a
+model finds its layers and norms through `decoder_layers` / `module_at` here, never by attribute names.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ class Architecture:
     residual_writer_alternatives: dict[str, tuple[str, ...]] = field(default_factory=dict)
     norm_readers: dict[str, tuple[str, ...]] = field(default_factory=dict)
     linear_inputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    layers: str = ""
 
     @classmethod
     def from_json(cls, data: dict) -> "Architecture":
@@ -67,6 +73,7 @@ class Architecture:
             },
             norm_readers={k: tuple(v) for k, v in data.get("norm_readers", {}).items()},
             linear_inputs={k: tuple(v) for k, v in data.get("linear_inputs", {}).items()},
+            layers=_layers_path(data),
         )
 
     def num_layers(self, config: dict) -> int:
@@ -82,6 +89,12 @@ class Architecture:
                 f"{self.model_type} has no {role!r} norm; its norms are: {', '.join(self.norms)}"
             )
         return self.norms[role]
+
+    def reader_key(self, role: str) -> str:
+        """A residual reader's key in scan.json: its module name inside the layer (e.g. the pre-attention norm's),
+        or the role itself for a norm outside the layers ("final")."""
+        pattern = self.norm_pattern(role)
+        return pattern.removeprefix(f"{self.layers}.*.") if "*" in pattern else role
 
     @property
     def activation_modules(self) -> tuple[str, ...]:
@@ -121,6 +134,16 @@ class Architecture:
         return [pattern.replace("*", str(i)) for i in range(self.num_layers(config))]
 
 
+def _layers_path(data: dict) -> str:
+    """The decoder-layer list's module path: the part before `.*` that every per-layer pattern shares."""
+    patterns = [*data["norms"].values(), *data.get("residual_writers", ())]
+    prefixes = {pattern.split(".*", 1)[0] for pattern in patterns if ".*" in pattern}
+    if len(prefixes) != 1:
+        raise SurgeonError(f"the {data['model_type']} architecture data has per-layer patterns under "
+                           f"{sorted(prefixes) or 'no layer list'}; every `*` pattern must start with one layer list")
+    return prefixes.pop()
+
+
 @cache
 def registry() -> dict[str, Architecture]:
     archs = {}
@@ -152,6 +175,33 @@ def for_config(config: dict) -> Architecture:
         raise SurgeonError(
             f"unsupported model family {model_type!r}; supported: {', '.join(supported())}"
         ) from None
+
+
+def for_model(model) -> Architecture:
+    """The architecture of a transformers model (a surgeon_* one included): its config's family."""
+    config = model.config
+    return for_config({"model_type": config.model_type, "surgeon": getattr(config, "surgeon", None)})
+
+
+def module_at(model, path: str):
+    """The module at `path` (e.g. "model.norm"), or None when the model has none there."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def decoder_layers(model):
+    """The decoder blocks of `model` (its ModuleList at the family's `layers` path, converted models included)."""
+    from torch import nn
+
+    arch = for_model(model)
+    layers = module_at(model, arch.layers)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        raise SurgeonError(f"{type(model).__name__} has no decoder layers at {arch.layers!r}, where the "
+                           f"{arch.model_type} architecture data puts them (surgeon/architectures/"
+                           f"{arch.model_type}.json)")
+    return layers
 
 
 def pattern_regex(pattern: str) -> re.Pattern:

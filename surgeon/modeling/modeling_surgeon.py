@@ -37,13 +37,27 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-import transformers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
+)
 from transformers import initialization as init
 
-# Base families whose norms are the plain RMSNorm above (weight applied as is) and whose MLPs are SwiGLU.
-BASE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+SURGEON_PREFIX = "surgeon_"  # our model_type is the base family's with this prefix: it never collides with a stock one
 GLU_ACTIVATION = "sigmoid"  # the stock `hidden_act` of a GLU model: what act_α is at α = 1
 
 
@@ -325,9 +339,18 @@ def needs_surgeon_modules(config: dict) -> bool:
 # ----------------------------------------------------------------------------- config and model classes
 
 
+CLASSES: dict[str, tuple[type, type]] = {}  # base model_type → (config class, model class), in definition order
+
+
 class SurgeonMixin:
     """Builds the base family, then swaps in the norms and activations `config.surgeon` names and hooks the
     Hadamard rotations onto its linears. Nothing else differs."""
+
+    def __init_subclass__(cls, **kwargs):
+        # each family's model class below registers itself (with its config class) under its base model_type
+        super().__init_subclass__(**kwargs)
+        if "config_class" in cls.__dict__:
+            CLASSES[cls.config_class.model_type.removeprefix(SURGEON_PREFIX)] = (cls.config_class, cls)
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
@@ -351,24 +374,30 @@ class SurgeonMixin:
 
 
 def surgeon_model_type(base_model_type: str) -> str:
-    return f"surgeon_{base_model_type}"
+    return f"{SURGEON_PREFIX}{base_model_type}"
 
 
-def _build_classes(base_model_type: str):
-    base_config = CONFIG_MAPPING[base_model_type]
-    base_model = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[base_model_type])
-    config_cls = type(f"Surgeon{base_config.__name__}", (base_config,),
-                      {"model_type": surgeon_model_type(base_model_type), "__module__": __name__})
-    model_cls = type(f"Surgeon{base_model.__name__}", (SurgeonMixin, base_model),
-                     {"config_class": config_cls, "__module__": __name__})
-    return config_cls, model_cls
+# One pair per base family whose norms are the plain RMSNorm above (weight applied as is) and whose MLPs are
+# SwiGLU (the families surgeon/architectures/ describes): the stock classes plus the mixin, nothing copied.
+class SurgeonLlamaConfig(LlamaConfig): model_type = "surgeon_llama"  # noqa: E701
+class SurgeonLlamaForCausalLM(SurgeonMixin, LlamaForCausalLM): config_class = SurgeonLlamaConfig  # noqa: E701
+class SurgeonMistralConfig(MistralConfig): model_type = "surgeon_mistral"  # noqa: E701
+class SurgeonMistralForCausalLM(SurgeonMixin, MistralForCausalLM): config_class = SurgeonMistralConfig  # noqa: E701
+class SurgeonQwen2Config(Qwen2Config): model_type = "surgeon_qwen2"  # noqa: E701
+class SurgeonQwen2ForCausalLM(SurgeonMixin, Qwen2ForCausalLM): config_class = SurgeonQwen2Config  # noqa: E701
+class SurgeonQwen3Config(Qwen3Config): model_type = "surgeon_qwen3"  # noqa: E701
+class SurgeonQwen3ForCausalLM(SurgeonMixin, Qwen3ForCausalLM): config_class = SurgeonQwen3Config  # noqa: E701
+class SurgeonMixtralConfig(MixtralConfig): model_type = "surgeon_mixtral"  # noqa: E701
+class SurgeonMixtralForCausalLM(SurgeonMixin, MixtralForCausalLM): config_class = SurgeonMixtralConfig  # noqa: E701
+class SurgeonQwen2MoeConfig(Qwen2MoeConfig): model_type = "surgeon_qwen2_moe"  # noqa: E701
+class SurgeonQwen2MoeForCausalLM(SurgeonMixin, Qwen2MoeForCausalLM): config_class = SurgeonQwen2MoeConfig  # noqa: E701
+class SurgeonQwen3MoeConfig(Qwen3MoeConfig): model_type = "surgeon_qwen3_moe"  # noqa: E701
+class SurgeonQwen3MoeForCausalLM(SurgeonMixin, Qwen3MoeForCausalLM): config_class = SurgeonQwen3MoeConfig  # noqa: E701
+class SurgeonSmolLM3Config(SmolLM3Config): model_type = "surgeon_smollm3"  # noqa: E701
+class SurgeonSmolLM3ForCausalLM(SurgeonMixin, SmolLM3ForCausalLM): config_class = SurgeonSmolLM3Config  # noqa: E701
 
 
-CLASSES = {}
-for _base in BASE_MODEL_TYPES:
-    CLASSES[_base] = _build_classes(_base)
-    for _cls in CLASSES[_base]:
-        globals()[_cls.__name__] = _cls
+BASE_MODEL_TYPES = tuple(CLASSES)
 
 
 def register_weight_conversions():

@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgeon.architectures import decoder_layers
 from surgeon.errors import SurgeonError
 from surgeon.gates import GateRecorder
 from surgeon.quant import DEFAULT_SKIP, quantized_linears
-from surgeon.scan import decoder_layers
 from surgeon.threads import single_thread
 from surgeon.threads import unwrap as _unwrap
 

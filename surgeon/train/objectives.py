@@ -385,7 +385,7 @@ class Objectives:
             if self._pressure_on("linear_inputs"):  # registered before QAT: they see the fp inputs
                 handles += [layer.register_forward_pre_hook(self._linear_hook) for _, layer in self.linears]
             if self._pressure_on("residual"):
-                from surgeon.scan import decoder_layers
+                from surgeon.architectures import decoder_layers
 
                 handles += [layer.register_forward_hook(self._residual_hook) for layer in decoder_layers(self.model)]
             fmt = self.qat_format(step * micro_per_step + micro)
