@@ -21,6 +21,7 @@ from .io.digest import SourceHasher
 from .io.hf_dir import MANIFEST, copy_side_files, set_model_type
 from .modeling import BASE_MODEL_TYPES, MODELING_FILE
 from .architectures import base_model_type
+from .calibrate import Calibrator
 from .plan import Plan
 from .progress import progress_bar
 
@@ -77,19 +78,28 @@ def convert(
     seed: int = 0,
     show_progress: bool = True,
 ) -> ConvertReport:
-    """Apply `transforms` (instances from surgeon.transforms) to the checkpoint at `source`, writing `output`."""
+    """Apply `transforms` (instances from surgeon.transforms) to the checkpoint at `source`, writing `output`.
+
+    What a pass needs measured on the source (a scan, activation statistics, recorded smooth factors) is computed
+    here, before the pass rewrites the plan, and handed to it (surgeon.calibrate)."""
     source, output = Path(source), Path(output)
     if not transforms:
         from .transforms import TRANSFORMS
 
-        raise SurgeonError(f"no transform given; pass at least one --transform ({', '.join(TRANSFORMS)})")
+        raise SurgeonError(f"no transform given; pass at least one transform ({', '.join(TRANSFORMS)})")
+    check_order(transforms)
     ckpt = Checkpoint(source)
     plan = Plan(ckpt, seed=seed)
     out_dtype = parse_dtype(dtype)
     if out_dtype is not None:
         plan.cast(out_dtype)
-    for transform in transforms:
-        transform.apply(plan)
+    calibrator = Calibrator(ckpt.path, progress=show_progress)
+    try:
+        for transform in transforms:
+            transform.check(plan)  # cheap refusals before anything is measured
+            transform.apply(plan, calibrator.calibrate(transform.needs(plan)))
+    finally:
+        calibrator.close()
     limit = parse_size(shard_size)
 
     hasher = SourceHasher([ckpt.path / "config.json", *ckpt.files])
@@ -133,6 +143,15 @@ def convert(
                 )
         write_manifest(tmp, report, config)
     return report
+
+
+def check_order(transforms: list) -> None:
+    """Refuse a pass given after one its `after` says must come first (e.g. pre-affine after absorb-sinks)."""
+    names = [t.name for t in transforms]
+    for i, transform in enumerate(transforms):
+        for earlier, why in transform.after.items():
+            if earlier in names[i + 1:]:
+                raise SurgeonError(f"put {earlier} before {transform.name}: {why}")
 
 
 def write_side_tensors(plan: Plan, dest: Path) -> None:

@@ -11,6 +11,9 @@ like every output of surgeon.
 Text: the first `eval_files` files (sorted) are evaluation text only, training reads the rest, so the reported
 perplexities are on text the training never saw. With too few files to split, training and evaluation share the
 text and the report says so.
+
+The defaults (PipelineConfig's, what `surgeon pipeline` runs without options) are the shipped
+configs/pipeline.yaml: the tuned values sit there beside the measurement that chose them.
 """
 
 from __future__ import annotations
@@ -31,35 +34,47 @@ from .progress import console, progress_bar
 from .quant import smoothquant_scales
 from .scan import ScanReport, scan
 from .sources import iter_token_windows, load_model, resolve_model, resolve_text
-from .transforms import AbsorbSinks, GatedNorm, Hadamard, PreAffine, Smooth
+from .transforms import TRANSFORMS, AbsorbSinks, GatedNorm, Hadamard, PreAffine, Smooth
 
 EVAL_FORMATS = ("nvfp4", "int4")
-# SmoothQuant's α for the smooth pass: on the converted SmolLM2, INT4 W4A4 perplexity at step 0 (held-out windows of
-# the training plays) is 6,757 unsmoothed, 1,480 at α 0.5, 644 at 0.65, 506 at 0.8; see configs/recipes/smollm2-cpu
-SMOOTH_PASS_ALPHA = 0.8
+DEFAULTS_FILE = "pipeline.yaml"  # in surgeon.configs
 LABELS = ("source", "converted", "trained", "control")
 DIRS = {"converted": "model-converted", "trained": "model-trained", "control-converted": "model-control-converted",
         "control": "model-control"}
 
 
+def load_defaults() -> dict:
+    """The shipped defaults of PipelineConfig (configs/pipeline.yaml), one key per field."""
+    from importlib.resources import files
+
+    import yaml
+
+    return yaml.safe_load((files("surgeon.configs") / DEFAULTS_FILE).read_text())
+
+
+DEFAULTS = load_defaults()
+
+
 @dataclass
 class PipelineConfig:
-    model: str = "default"
-    data: str = "default"
-    gated_norm: bool = False  # GatedNorm after each residual-reading norm (measured: no W4A4 gain at this budget)
-    rank: int = 16
-    smooth_alpha: float | None = SMOOTH_PASS_ALPHA  # α of the smooth pass (on the training text); None: no pass
-    hadamard: bool = True  # rotate every dense linear's input online (after smooth)
-    scan_tokens: int = 4096
-    seq_len: int = 256
-    eval_windows: int = 8
-    eval_skip_tokens: int = 1000
-    batch_size: int = 4
-    eval_files: int = 2  # the first N text files are evaluation text only
-    recipe: str = "smollm2-cpu"  # a recipe YAML or a shipped recipe's name
-    train_steps: int | None = None  # None: the recipe's
-    train: bool = True  # False: stop after the training-free conversion
-    control: bool = False  # also train the same passes minus the norm modules with the same recipe (model-control/)
+    """What the main job runs; each field's default and why it is that is in configs/pipeline.yaml."""
+
+    model: str = DEFAULTS["model"]
+    data: str = DEFAULTS["data"]
+    gated_norm: bool = DEFAULTS["gated_norm"]  # GatedNorm after each residual-reading norm
+    rank: int = DEFAULTS["rank"]
+    smooth_alpha: float | None = DEFAULTS["smooth_alpha"]  # α of the smooth pass (on the training text); None: no pass
+    hadamard: bool = DEFAULTS["hadamard"]  # rotate every dense linear's input online (after smooth)
+    scan_tokens: int = DEFAULTS["scan_tokens"]
+    seq_len: int = DEFAULTS["seq_len"]
+    eval_windows: int = DEFAULTS["eval_windows"]
+    eval_skip_tokens: int = DEFAULTS["eval_skip_tokens"]
+    batch_size: int = DEFAULTS["batch_size"]
+    eval_files: int = DEFAULTS["eval_files"]  # the first N text files are evaluation text only
+    recipe: str = DEFAULTS["recipe"]  # a recipe YAML or a shipped recipe's name
+    train_steps: int | None = DEFAULTS["train_steps"]  # None: the recipe's
+    train: bool = DEFAULTS["train"]  # False: stop after the training-free conversion
+    control: bool = DEFAULTS["control"]  # also train the passes minus the norm modules, same recipe (model-control/)
 
 
 @dataclass
@@ -91,7 +106,7 @@ def conversion_passes(cfg: PipelineConfig, sinks_scan: Path | None, train_paths:
     if sinks_scan is not None:
         passes.append(AbsorbSinks(scan=sinks_scan))
     if cfg.smooth_alpha is not None:  # calibrated on the training text: the evaluation text stays unseen
-        passes.append(Smooth(data=train_paths, alpha=cfg.smooth_alpha, seq_len=cfg.seq_len, progress=True))
+        passes.append(Smooth(data=train_paths, alpha=cfg.smooth_alpha, seq_len=cfg.seq_len))
     if cfg.hadamard:
         passes.append(Hadamard())
     return [p for p in passes if not (control and p.module_pass)]
@@ -223,28 +238,9 @@ def _training_summary(run_dir: Path, steps: int, seconds: float) -> dict:
             "heldout_first": evals[0]["eval"] if evals else None, "heldout_last": evals[-1]["eval"] if evals else None}
 
 
-def _absorbed(block: dict) -> str:
-    sinks = (block.get("absorb_sinks") or {}).get("sinks") or []
-    if not sinks:
-        return ""
-    untied = " and the LM head untied from the embedding" if block["absorb_sinks"].get("untied_lm_head") else ""
-    return "absorbed " + ", ".join(f"dim {s['dim']} ÷{s['scale']:g}" for s in sinks) + untied
-
-
-def _smoothed(block: dict) -> str:
-    block = block.get("smooth")
-    if not block:
-        return ""
-    low, high = block["log2_scale_range"]
-    return (f"smoothed with α {block['alpha']:g} on {block['calibration_tokens']:,} training tokens, "
-            f"scales 2^{low}…2^{high}")
-
-
-def _rotated(block: dict) -> str:
-    groups = (block.get("hadamard") or {}).get("groups")
-    if not groups:
-        return ""
-    return "inputs of " + ", ".join(f"{g} (blocks of {v['block']})" for g, v in groups.items()) + " Hadamard-rotated"
+def _applied(surgeon: dict) -> list:
+    """The pass classes a converted config's surgeon block records, in the order they ran."""
+    return [TRANSFORMS[name] for name in dict.fromkeys(surgeon.get("transforms", [])) if name in TRANSFORMS]
 
 
 def _format_label(fmt: str) -> str:
@@ -285,13 +281,12 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
     scans = [result.scans[label] for label in labels]
     text = result.text
     surgeon = json.loads((conversion.output / "config.json").read_text()).get("surgeon", {})
-    smooth = "smooth" in surgeon
+    applied = _applied(surgeon)
     lines = [
         f"# surgeon main job: {cfg.model}", "",
         f"Model `{cfg.model}` ({conversion.family}, {conversion.params_before:,} parameters), text `{cfg.data}`. "
         f"Converted with {', '.join(conversion.transforms)} ("
-        + "; ".join(filter(None, (f"rank {cfg.rank}" if "gated_norm" in surgeon else "", _absorbed(surgeon),
-                                  _smoothed(surgeon), _rotated(surgeon)))) + "): "
+        + "; ".join(filter(None, (p.describe(surgeon[p.key], text="training") for p in applied))) + "): "
         f"+{conversion.params_after - conversion.params_before:,} parameters; verified max |Δlogit| "
         f"{result.verify['max_abs_diff']:.3g} over {result.verify['tokens']} tokens.", "",
     ]
@@ -335,7 +330,8 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
         # model's linear inputs only when no pass changed them (smooth and hadamard do)
         figure = "{0[linear_input_max_rms]:.1f} ({0[linear_input_max_rms_worst]:.1f})".format
         first = result.training["heldout_first"]
-        values = {"source": "–" if smooth or "hadamard" in surgeon else figure(first), "converted": figure(first),
+        changed = any(p.changes_linear_inputs for p in applied)
+        values = {"source": "–" if changed else figure(first), "converted": figure(first),
                   "trained": figure(result.training["heldout_last"])}
         if result.control and result.control["training"].get("heldout_last"):
             values["control"] = figure(result.control["training"]["heldout_last"])
@@ -362,22 +358,7 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
     if "control" in result.evals:
         lines += _control_section(result, columns)
     lines += ["", "The converted model computes the same function as the source: "
-              + ("the gates are identity-initialized, and " if "gated_norm" in surgeon else "")
-              + "each sink dimension is divided by a power of two in every residual writer (embedding, o_proj and "
-              "down_proj rows) and multiplied back in every reading norm's PreAffine. The residual stream shrinks "
-              "while every norm output stays as it was. "
-              + ("The smooth pass then divides each input channel j of the q/k/v, gate/up and down_proj layers by a "
-                 "power of two s_j (SmoothQuant's balance of activation and weight maxima, folded into the norm "
-                 "weights" + (", GatedNorm's down projection" if "gated_norm" in surgeon else "") + " and up_proj's rows) and multiplies the reading weights' "
-                 "column j by s_j: bit for bit the same function, but the activations' per-channel outliers now "
-                 "sit in the weights, where INT4's groups of 32 take them. " if smooth else
-                 "Activation quantization sees the same values (NVFP4's FP8 block scales are relative to one scale "
-                 "per tensor, so the shrunken rows lose a little precision). ")
-              + ("The hadamard pass multiplies every q/k/v, o, gate/up and down_proj weight by a block-diagonal "
-                 "Hadamard matrix H on its input side, and the model multiplies the layer's input by H as it runs "
-                 "(H·H = 1: the same function up to float rounding): a channel that spikes in one token is spread "
-                 "over its block, so INT4's one scale per token no longer rounds that token's other channels to "
-                 "zero. " if "hadamard" in surgeon else "")
+              + "".join(p.explain(surgeon) for p in applied)  # each pass says why it keeps the function
               + "What is left of the outliers in the linear inputs is what the continued pretraining has to train "
               "away.", "", "## Plots", ""]
     for label in labels:

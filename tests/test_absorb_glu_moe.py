@@ -263,8 +263,8 @@ def test_absorb_scale_rounding(sources, tmp_path):
     (dict(sinks=[5], scale=-8), "--scale must be `auto` or a positive power of two"),
     (dict(sinks=[5], scale="big"), "--scale must be `auto` or a positive power of two"),
     (dict(sinks=[5], scale=1), "rounds to 1, which absorbs nothing"),
-    (dict(sinks=[5]), "needs --scan scan.json or --data TEXT"),
-    (dict(), "needs --scan scan.json or --data TEXT"),
+    (dict(sinks=[5]), "needs a scan of the source to find the sinks and their scales"),
+    (dict(), "needs a scan of the source to find the sinks and their scales"),
 ])
 def test_absorb_errors(sources, tmp_path, kwargs, match):
     with pytest.raises(SurgeonError, match=match):

@@ -115,7 +115,7 @@ def _trained(root: Path, model: str, recipe: str, name: str) -> tuple[list[float
 
 
 def test_source_coordinates_take_the_unsmoothed_runs_steps(models):
-    from surgeon.transforms.smooth import FACTORS_FILE, load_factors
+    from surgeon.io.smooth_factors import FACTORS_FILE, load_factors
 
     losses_u, unsmoothed = _trained(models, "gated", "recipe.yaml", "unsmoothed")
     losses, same = _trained(models, "gated", "recipe-source.yaml", "unsmoothed-source")  # never smoothed: the same
@@ -137,7 +137,7 @@ def test_source_coordinates_undo_smooth_and_hadamard(models):
     rounding of H), and its weights are (that run's weights ⊙ m)·H."""
     from surgeon.modeling import block_hadamard_reference as rotate
     from surgeon.transforms.hadamard import rotated_blocks
-    from surgeon.transforms.smooth import FACTORS_FILE, load_factors
+    from surgeon.io.smooth_factors import FACTORS_FILE, load_factors
 
     assert (models / "rotated" / FACTORS_FILE).is_file()
     losses_u, unsmoothed = _trained(models, "gated", "recipe.yaml", "unsmoothed")

@@ -19,7 +19,7 @@ from surgeon.convert import convert
 from surgeon.errors import SurgeonError
 from surgeon.io import Checkpoint
 from surgeon.transforms import GatedNorm, Smooth
-from surgeon.transforms.smooth import FACTORS_FILE, load_factors
+from surgeon.io.smooth_factors import FACTORS_FILE, load_factors
 
 OUTLIER, FACTOR = 7, 64.0
 

@@ -20,7 +20,8 @@ Tied embeddings: the LM head reads the final norm's output, so it must keep the 
 as `lm_head.weight` (the embedding before scaling) and the config says `tie_word_embeddings: false`.
 
 Scales: `auto` takes the scan's `scale_pow2`, the largest power of two ≤ the dimension's mean |h| over the median
-dimension's (it brings the dimension to the typical level, never below it). An explicit scale must be positive;
+dimension's (it brings the dimension to the typical level, never below it). The scan is the caller's
+(surgeon.calibrate: a scan.json of this model, or one pass over text), handed to the pass, which reads nothing. An explicit scale must be positive;
 one that is not a power of two is rounded to the nearest power of two (in log scale) with a warning, because only
 a power of two is exact; a scale that rounds to 1 or less absorbs nothing and is refused.
 
@@ -36,15 +37,20 @@ import os
 import re
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 
+from surgeon.calibrate import Calibration, Needs, ScanRequest
 from surgeon.errors import SurgeonError
-from surgeon.io import final_path
 from surgeon.plan import Plan
 
+from .base import CALIBRATION_TEXT, Option, Pass
+
 AUTO = "auto"
+CLI_NEEDS_SCAN = ("absorb-sinks needs --scan scan.json or --data TEXT to find the sinks and their scales (or explicit "
+                  "--sinks with --scale N)")
 
 
 def parse_sinks(sinks) -> str | tuple[int, ...]:
@@ -120,11 +126,12 @@ def _rescaled(t: torch.Tensor, axis: int, scales: dict[int, int], *, multiply: b
 
 
 @dataclass
-class AbsorbSinks:
+class AbsorbSinks(Pass):
     """Absorb residual-sink dimensions; see the module docstring for the math.
 
     sinks: "auto" (from the scan) or dimension indices; scale: "auto" (the scan's scale_pow2), one number for
-    every sink, or {dim: number}; scan: a scan.json of this model; data: text to scan when there is no scan.json.
+    every sink, or {dim: number}; scan: a scan.json of this model; data: text to scan when there is no scan.json
+    (the caller scans, surgeon.calibrate).
     """
 
     sinks: str | Sequence[int] = AUTO
@@ -133,63 +140,71 @@ class AbsorbSinks:
     data: str | os.PathLike | None = None
     scan_tokens: int = 8192
     seq_len: int = 256
-    progress: bool = False
     name = "absorb-sinks"
     key = "absorb_sinks"
     module_pass = True  # works through PreAffine (λ1 takes the sink's scale): `pipeline --control` leaves it out
-    preserves_function = True
-    _report: object = field(default=None, init=False, repr=False)
+    after = MappingProxyType({"pre-affine": "absorb-sinks inserts PreAffine on the residual norms where absent and "
+                                            "reuses one that is already there"})
+    options = (
+        Option(("--sinks",), "sinks", dict(default=AUTO, help="residual-sink dimensions: auto (from the scan) or "
+                                                              "comma-separated indices such as 507,1234")),
+        Option(("--scale",), "scale", dict(default=AUTO, help="divide each sink by this power of two (rounded to "
+                                                              "one, with a warning); auto: the scan's scale_pow2, "
+                                                              "which brings the dimension to the typical level")),
+        Option(("--scan",), "scan", dict(default=None, help="scan.json of this model (from `surgeon scan`)")),
+        CALIBRATION_TEXT,
+        Option(("--scan-tokens",), "scan_tokens", dict(type=int, default=8192,
+                                                       help="text tokens scanned with --data (default 8192)")),
+    )
 
     def __post_init__(self):
         self.sinks = parse_sinks(self.sinks)
         self.scale = parse_scale(self.scale)
-        if (self.sinks == AUTO or self.scale == AUTO) and self.scan is None and self.data is None:
-            raise SurgeonError("absorb-sinks needs --scan scan.json or --data TEXT to find the sinks and their "
-                               "scales (or explicit --sinks with --scale N)")
+        if self.wants_scan and self.scan is None and self.data is None:
+            raise SurgeonError("absorb-sinks needs a scan of the source to find the sinks and their scales: a scan "
+                               "report (scan) or text to scan (data), or explicit sinks with a scale")
+
+    @classmethod
+    def from_args(cls, args) -> AbsorbSinks:
+        if AUTO in (parse_sinks(args.sinks), parse_scale(args.scale)) and args.scan is None and args.data is None:
+            raise SurgeonError(CLI_NEEDS_SCAN)
+        return super().from_args(args)
+
+    @property
+    def wants_scan(self) -> bool:
+        return self.sinks == AUTO or self.scale == AUTO
 
     # -- which dimensions, by how much ---------------------------------------------------------------
 
-    def scan_report(self, plan: Plan):
-        """The scan this transform reads: the given scan.json, or one pass over `data` with the source model."""
-        if self._report is None:
-            from surgeon.scan import ScanReport
+    def needs(self, plan: Plan) -> Needs:
+        if not self.wants_scan:
+            return Needs()
+        return Needs(scan=ScanRequest(report=self.scan, text=self.data, tokens=self.scan_tokens,
+                                      seq_len=self.seq_len))
 
-            if self.scan is not None:
-                report = ScanReport.load(self.scan)
-                where = f"{self.scan}"
-            else:
-                report = self._run_scan(plan)
-                where = f"the scan of {self.data}"
-            d, layers = self.hidden_size(plan), plan.arch.num_layers(plan.config)
-            if (report.hidden_size, report.num_layers) != (d, layers):
-                raise SurgeonError(
-                    f"{where} describes a model with hidden size {report.hidden_size} and {report.num_layers} layers; "
-                    f"this checkpoint has {d} and {layers}: scan this model"
-                )
-            self._report = report
-        return self._report
-
-    def _run_scan(self, plan: Plan):
-        from surgeon.scan import scan
-        from surgeon.sources import iter_token_windows, load_model, resolve_text
-
-        paths = resolve_text(self.data)
-        model, tokenizer = load_model(plan.source.path)
-        windows = iter_token_windows(paths, tokenizer, self.seq_len, self.scan_tokens, batch_size=4)
-        try:
-            return scan(model, tokenizer, windows, model_path=str(plan.source.path), total_tokens=self.scan_tokens,
-                        progress=self.progress)
-        finally:
-            del model
+    def scan_report(self, plan: Plan, calibration: Calibration | None):
+        """The scan handed over by the caller, checked against this checkpoint."""
+        if calibration is None or calibration.scan is None:
+            raise SurgeonError("absorb-sinks needs a scan of its source: convert() reads or runs it "
+                               "(surgeon.calibrate) and hands it over")
+        report = calibration.scan
+        d, layers = self.hidden_size(plan), plan.arch.num_layers(plan.config)
+        if (report.hidden_size, report.num_layers) != (d, layers):
+            raise SurgeonError(
+                f"{calibration.scan_where} describes a model with hidden size {report.hidden_size} and "
+                f"{report.num_layers} layers; this checkpoint has {d} and {layers}: scan this model"
+            )
+        return report
 
     @staticmethod
     def hidden_size(plan: Plan) -> int:
         return int(plan.config[plan.arch.hidden_size_key])
 
-    def resolve(self, plan: Plan) -> tuple[dict[int, int], dict[int, float | None]]:
+    def resolve(self, plan: Plan, calibration: Calibration | None = None
+                ) -> tuple[dict[int, int], dict[int, float | None]]:
         """{dim: power-of-two scale} and {dim: the scan's ratio to the median, if known}."""
         if self.sinks == AUTO:
-            report = self.scan_report(plan)
+            report = self.scan_report(plan, calibration)
             if not report.sinks:
                 ratio = report.thresholds.get("sink_ratio")
                 raise SurgeonError(f"the scan found no residual sink (no dimension ≥ {ratio}× the median mean |h|): "
@@ -204,7 +219,7 @@ class AbsorbSinks:
         ratios: dict[int, float | None] = {k: None for k in dims}
         scales: dict[int, int] = {}
         if self.scale == AUTO:
-            report = self.scan_report(plan)
+            report = self.scan_report(plan, calibration)
             by_dim = {s.dim: s for s in report.sinks}
             for k in dims:
                 if k in by_dim:
@@ -244,12 +259,15 @@ class AbsorbSinks:
                 f"double its scale: convert the original checkpoint instead"
             )
 
-    def apply(self, plan: Plan) -> None:
-        arch = plan.arch
+    def check(self, plan: Plan) -> None:
         if self.sinks != AUTO:  # refuse before any scan runs
             self.refuse_if_applied(plan, self.sinks)
+
+    def apply(self, plan: Plan, calibration: Calibration | None = None) -> None:
+        arch = plan.arch
+        self.check(plan)
         writers = arch.residual_writer_tensors(plan.tensors, plan.config)
-        scales, ratios = self.resolve(plan)
+        scales, ratios = self.resolve(plan, calibration)
         self.refuse_if_applied(plan, scales)
         d = self.hidden_size(plan)
 
@@ -279,15 +297,30 @@ class AbsorbSinks:
         block = plan.surgeon.setdefault(self.key, {"sinks": []})
         block["sinks"] = block["sinks"] + [
             {"dim": k, "scale": s, "ratio_to_median": ratios[k],
-             "from": "explicit" if self.scale != AUTO else
-             str(final_path(self.scan) if self.scan else f"scan of {self.data}")}
+             "from": "explicit" if self.scale != AUTO else calibration.scan_origin}  # files by name and sha256
             for k, s in scales.items()
         ]
         block["targets"] = readers
         block["writers"] = [arch.embedding, *arch.residual_writers]
         block["untied_lm_head"] = bool(block.get("untied_lm_head") or untied)
-        plan.surgeon.setdefault("transforms", []).append(self.name)
-        plan.applied.append(self.name)
+        self.mark_applied(plan)
+
+    @classmethod
+    def describe(cls, block: dict, *, text: str = "calibration") -> str:
+        sinks = block.get("sinks") or []
+        if not sinks:
+            return ""
+        untied = " and the LM head untied from the embedding" if block.get("untied_lm_head") else ""
+        return "absorbed " + ", ".join(f"dim {s['dim']} ÷{s['scale']:g}" for s in sinks) + untied
+
+    @classmethod
+    def explain(cls, surgeon: dict) -> str:
+        return ("each sink dimension is divided by a power of two in every residual writer (embedding, o_proj and "
+                "down_proj rows) and multiplied back in every reading norm's PreAffine. The residual stream shrinks "
+                "while every norm output stays as it was. "
+                + ("" if "smooth" in surgeon else
+                   "Activation quantization sees the same values (NVFP4's FP8 block scales are relative to one scale "
+                   "per tensor, so the shrunken rows lose a little precision). "))
 
     @staticmethod
     def untie(plan: Plan) -> None:

@@ -19,7 +19,7 @@ import torch
 from surgeon.errors import SurgeonError
 from surgeon.plan import Plan
 
-from .base import NormTransform
+from .base import QK_NORM, TARGETS, NormTransform, Option
 
 DEFAULT_RANK = 16
 
@@ -30,6 +30,8 @@ class GatedNorm(NormTransform):
     name = "gated-norm"
     key = "gated_norm"
     module_pass = True  # inserts the paper's module: `pipeline --control` leaves it out
+    options = (Option(("--rank",), "rank", dict(type=int, default=DEFAULT_RANK,
+                                                 help="GatedNorm rank r (default %(default)s)")), TARGETS, QK_NORM)
 
     def __post_init__(self):
         if not 1 <= self.rank <= 4096:
@@ -37,6 +39,14 @@ class GatedNorm(NormTransform):
 
     def record(self) -> dict:
         return {"rank": self.rank}
+
+    @classmethod
+    def describe(cls, block: dict, *, text: str = "calibration") -> str:
+        return f"rank {block['rank']}"
+
+    @classmethod
+    def explain(cls, surgeon: dict) -> str:
+        return "the gates are identity-initialized" + (", and " if "absorb_sinks" in surgeon else ". ")
 
     def rewrite_norm(self, plan: Plan, norm: str) -> None:
         weight = plan.require(f"{norm}.weight").spec

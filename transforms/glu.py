@@ -25,15 +25,20 @@ from surgeon.errors import SurgeonError
 from surgeon.modeling import GLU_ACTIVATION
 from surgeon.plan import Plan
 
+from .base import Option, Pass
+
 SWIGLU_ACTIVATIONS = ("silu", "swish")
 
 
 @dataclass
-class GLU:
+class GLU(Pass):
     alpha: float = 0.0
     name = "glu"
     key = "glu"
-    module_pass = False
+    options = (Option(("--glu-alpha",), "alpha", dict(
+        type=float, default=0.0, help="α of act_α = (1−α)·silu + α·σ: 0 (default) keeps the function for annealing "
+                                      "in training; 1 converts to GLU directly (changes the function; a stock model "
+                                      "if nothing else is added)")),)
 
     def __post_init__(self):
         try:
@@ -47,11 +52,14 @@ class GLU:
     def preserves_function(self) -> bool:
         return self.alpha == 0.0
 
-    def apply(self, plan: Plan) -> None:
-        arch = plan.arch
+    def check(self, plan: Plan) -> None:
         if self.key in plan.surgeon:
             raise SurgeonError(f"the model already has glu (α = {plan.surgeon[self.key].get('alpha')}); converting "
                                "again would anneal twice: convert the original checkpoint instead")
+
+    def apply(self, plan: Plan, calibration=None) -> None:
+        arch = plan.arch
+        self.check(plan)
         act_key, targets = arch.mlp.get("activation"), arch.activation_modules
         if not act_key or not targets:
             raise SurgeonError(f"the {arch.model_type} architecture data names no MLP activation "
@@ -69,5 +77,8 @@ class GLU:
             warnings.warn(f"glu at α = {self.alpha:g} changes the function (only α = 0 preserves it)", stacklevel=2)
         plan.surgeon[self.key] = {"alpha": self.alpha, "targets": list(targets), "activation_key": act_key,
                                   "from": act, "to": GLU_ACTIVATION}
-        plan.surgeon.setdefault("transforms", []).append(self.name)
-        plan.applied.append(self.name)
+        self.mark_applied(plan)
+
+    @classmethod
+    def describe(cls, block: dict, *, text: str = "calibration") -> str:
+        return f"SwiGLU annealed towards GLU, α {block['alpha']:g}"

@@ -23,7 +23,7 @@ rounded once to their dtype; fp32 logits move by ~1e-6 relative (--verify's 1e-5
 first (its scales and recorded factors are per channel of the unrotated input); smooth on a rotated model is
 refused. A smoothed model's factors file stays as smooth wrote it, stored = (source ⊙ m)·H, which training in the
 source's coordinates undoes (surgeon.train.coordinates); when smooth ran in an earlier convert and hadamard is this
-convert's first pass, the file comes along. Dense families only (MoE experts are fused parameters).
+convert's first pass, the file comes along (read by the caller, surgeon.calibrate). Dense families only (MoE experts are fused parameters).
 
 Invariant (tests/test_hadamard.py): logits equal the source's within fp32 rounding on every dense family; every
 rotated weight equals the source weight times H exactly as the formula says (float64); a rotated linear's input
@@ -33,13 +33,17 @@ is x·H; applied twice is refused.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 
+from surgeon.calibrate import Calibration, Needs
 from surgeon.errors import SurgeonError
+from surgeon.io.smooth_factors import FACTORS_FILE, FACTORS_FORMAT
 from surgeon.modeling import block_hadamard_reference, hadamard_block
 from surgeon.plan import Plan
-from surgeon.transforms.smooth import FACTORS_FILE, FACTORS_FORMAT, read_factor_entries
+
+from .base import Option, Pass
 
 GROUPS = ("attention_in", "attention_out", "mlp_in", "mlp_out")
 
@@ -50,12 +54,15 @@ def rotate_weight(w: torch.Tensor, block: int) -> torch.Tensor:
 
 
 @dataclass
-class Hadamard:
+class Hadamard(Pass):
     groups: tuple[str, ...] = GROUPS
     name = "hadamard"
     key = "hadamard"
-    module_pass = False
-    preserves_function = True
+    changes_linear_inputs = True
+    after = MappingProxyType({"smooth": "smooth's scales are per channel of the unrotated inputs"})
+    options = (Option(("--hadamard-groups",), "groups", dict(
+        default=",".join(GROUPS), help="the linear inputs rotated online, comma-separated (default: all, "
+                                       "%(default)s)")),)
 
     def __post_init__(self):
         if isinstance(self.groups, str):
@@ -65,10 +72,22 @@ class Hadamard:
             raise SurgeonError(f"unknown hadamard group {unknown[0] if unknown else '(none)'!r}; choose from "
                                f"{', '.join(GROUPS)}")
 
-    def apply(self, plan: Plan) -> None:
+    def check(self, plan: Plan) -> None:
         if self.key in plan.surgeon:
             raise SurgeonError("the model already has hadamard rotations: rotating again would not undo them, but "
                                "double the online work: convert the original checkpoint instead")
+
+    @staticmethod
+    def carries_factors(plan: Plan) -> bool:
+        """Smoothed by an earlier convert and nothing else rewritten since: its factors still lead back to the
+        source (the rotation composes with them, surgeon.train.coordinates)."""
+        return "smooth" in plan.surgeon and FACTORS_FILE not in plan.side_tensors and not plan.applied
+
+    def needs(self, plan: Plan) -> Needs:
+        return Needs(factors=self.carries_factors(plan))
+
+    def apply(self, plan: Plan, calibration: Calibration | None = None) -> None:
+        self.check(plan)
         arch = plan.arch
         missing = [g for g in self.groups if g not in arch.linear_inputs]
         if missing:
@@ -95,15 +114,26 @@ class Hadamard:
             for name in weights:
                 plan.rewrite(name, lambda t, b=block: rotate_weight(t, b))
             record[group] = {"linears": patterns, "block": block, "features": width}
-        if "smooth" in plan.surgeon and FACTORS_FILE not in plan.side_tensors and not plan.applied:
-            # smoothed by an earlier convert and nothing else rewritten since: its factors still lead back to the
-            # source (the rotation composes with them, surgeon.train.coordinates)
-            entries = read_factor_entries(plan.source.path)
-            if entries is not None:
-                plan.side_tensors[FACTORS_FILE] = (entries, {"format": FACTORS_FORMAT})
+        entries = calibration.factors if calibration is not None and self.carries_factors(plan) else None
+        if entries is not None:
+            plan.side_tensors[FACTORS_FILE] = (entries, {"format": FACTORS_FORMAT})
         plan.surgeon[self.key] = {"groups": record, "targets": [p for g in record.values() for p in g["linears"]]}
-        plan.surgeon.setdefault("transforms", []).append(self.name)
-        plan.applied.append(self.name)
+        self.mark_applied(plan)
+
+    @classmethod
+    def describe(cls, block: dict, *, text: str = "calibration") -> str:
+        groups = block.get("groups")
+        if not groups:
+            return ""
+        return "inputs of " + ", ".join(f"{g} (blocks of {v['block']})" for g, v in groups.items()) + " Hadamard-rotated"
+
+    @classmethod
+    def explain(cls, surgeon: dict) -> str:
+        return ("The hadamard pass multiplies every q/k/v, o, gate/up and down_proj weight by a block-diagonal "
+                "Hadamard matrix H on its input side, and the model multiplies the layer's input by H as it runs "
+                "(H·H = 1: the same function up to float rounding): a channel that spikes in one token is spread "
+                "over its block, so INT4's one scale per token no longer rounds that token's other channels to "
+                "zero. ")
 
 
 def rotated_blocks(surgeon: dict, names) -> dict[str, int]:

@@ -23,11 +23,12 @@ too: the measured damage there is small and a scale would have to be shared acro
 group.
 
 Calibration: the model as it is before this pass equals the source model (every earlier pass preserves the
-function), so the source is run on `data` (`tokens` text tokens, windows of `seq_len`) with a forward pre-hook on
-each reader. Architecture data: `norm_readers` (per norm role, the linears reading its output) and `mlp.up` /
+function), so the caller (surgeon.calibrate) runs the source on `data` (`tokens` text tokens, windows of `seq_len`)
+with a forward pre-hook on each reader and hands the pass a_j; the pass reads nothing itself. Architecture data: `norm_readers` (per norm role, the linears reading its output) and `mlp.up` /
 `mlp.down`; a family without them (the MoE families, whose experts are fused parameters) is refused.
 
-The factors are kept beside the weights in `smooth_factors.safetensors`: key `<tensor>@<axis>` → the vector f
+The factors are kept beside the weights in `smooth_factors.safetensors` (surgeon.io.smooth_factors): key
+`<tensor>@<axis>` → the vector f
 with rewritten = source × f along that axis (1/s for a writer, s for a reader; up_proj has a row and a column
 entry). Training reads it to take its optimizer steps on the unsmoothed weights (surgeon.train.coordinates), and
 export carries it to the trained model; a later convert does not, unless hadamard is its first pass (the rotation
@@ -49,20 +50,18 @@ from dataclasses import dataclass
 
 import torch
 
+from surgeon.calibrate import ActivationRequest, Calibration, Needs
 from surgeon.errors import SurgeonError
+from surgeon.io.smooth_factors import FACTORS_FILE, FACTORS_FORMAT
 from surgeon.plan import Plan
-from surgeon.quant import SMOOTH_ALPHA, balance_scales, check_alpha, input_channel_amax
+from surgeon.quant import SMOOTH_ALPHA, balance_scales, check_alpha
+
+from .base import CALIBRATION_TEXT, Option, Pass
 
 POINTS = ("pre_attention", "pre_mlp")
-FACTORS_FILE = "smooth_factors.safetensors"
-FACTORS_FORMAT = "surgeon smooth factors: <tensor>@<axis> -> f, smoothed tensor = source tensor x f along axis"
-CALIBRATION_BATCH = 4
+CLI_NEEDS_TEXT = "smooth needs calibration text: --data TEXT (.txt, .jsonl, a folder, or `default`)"
 
-
-def _advancing(batches, advance):
-    for batch in batches:
-        yield batch
-        advance(1)
+__all__ = ["FACTORS_FILE", "FACTORS_FORMAT", "POINTS", "Smooth"]
 
 
 def power_of_two(s: torch.Tensor) -> torch.Tensor:
@@ -83,26 +82,44 @@ def _scaled(t: torch.Tensor, axis: int, s: torch.Tensor, *, multiply: bool, name
 
 
 @dataclass
-class Smooth:
+class Smooth(Pass):
     """Fold SmoothQuant scales into the weights; see the module docstring. data: calibration text (required), a
-    spec as `surgeon.sources.resolve_text` takes (a file, folder, JSONL, `default`, or a list of them)."""
+    spec as `surgeon.sources.resolve_text` takes (a file, folder, JSONL, `default`, or a list of them), which the
+    caller measures the source on (surgeon.calibrate)."""
 
     data: str | os.PathLike | list | None = None
     alpha: float = SMOOTH_ALPHA
     tokens: int = 8192
     seq_len: int = 256
-    progress: bool = False
     name = "smooth"
     key = "smooth"
-    module_pass = False
-    preserves_function = True
+    changes_linear_inputs = True
+    options = (
+        CALIBRATION_TEXT,
+        Option(("--smooth-alpha",), "alpha", dict(
+            type=float, default=SMOOTH_ALPHA, help="SmoothQuant's α: the share of each input channel's outlier moved "
+                                                   "into the weights (default %(default)s)")),
+        Option(("--smooth-tokens",), "tokens", dict(type=int, default=8192,
+                                                   help="calibration tokens of --data (default %(default)s)")),
+    )
 
     def __post_init__(self):
         check_alpha(self.alpha)  # a bad alpha fails before anything is read
         if self.data is None or (isinstance(self.data, (list, tuple)) and not self.data):
-            raise SurgeonError("smooth needs calibration text: --data TEXT (.txt, .jsonl, a folder, or `default`)")
+            raise SurgeonError("smooth needs calibration text (data: a .txt or .jsonl file, a folder of them, "
+                               "`default`, or a list of them)")
         if self.tokens < 1:
-            raise SurgeonError(f"smooth needs at least one calibration token (got --smooth-tokens {self.tokens})")
+            raise SurgeonError(f"smooth needs at least one calibration token (got tokens={self.tokens})")
+
+    @classmethod
+    def from_args(cls, args) -> Smooth:
+        check_alpha(args.smooth_alpha)
+        if args.data is None:
+            raise SurgeonError(CLI_NEEDS_TEXT)
+        if args.smooth_tokens < 1:
+            raise SurgeonError(f"smooth needs at least one calibration token (got --smooth-tokens "
+                               f"{args.smooth_tokens})")
+        return super().from_args(args)
 
     # -- the plan: which tensors, scaled along which axis ----------------------------------------------
 
@@ -137,26 +154,26 @@ class Smooth:
                 plan.require(name)
         return out
 
-    def calibrate(self, plan: Plan, points: list[dict]) -> dict[str, torch.Tensor]:
-        """{point: power-of-two s} from the source model's inputs on the calibration text."""
-        from surgeon.progress import progress_bar
-        from surgeon.sources import iter_token_windows, load_model, resolve_text
+    def check(self, plan: Plan) -> None:
+        if self.name in plan.applied:
+            raise SurgeonError("smooth is given twice: one smooth pass per convert (a smoothed checkpoint can be "
+                               "smoothed again later, e.g. after training, to recalibrate)")
+        if "hadamard" in plan.surgeon:
+            raise SurgeonError("smooth must come before hadamard: its scales are per channel of the unrotated inputs "
+                               "(smooth a checkpoint without hadamard, then rotate it)")
+        self.points(plan)
 
-        paths = resolve_text(self.data)
-        model, tokenizer = load_model(plan.source.path)
-        try:
-            modules = dict(model.named_modules())
-            names = [n for point in points for n in point["quantized"]]
-            absent = [n for n in names if n not in modules]
-            if absent:
-                raise SurgeonError(f"the model has no module {absent[0]}, which the {plan.arch.model_type} "
-                                   "architecture data names as a norm reader")
-            windows = iter_token_windows(paths, tokenizer, self.seq_len, self.tokens, batch_size=CALIBRATION_BATCH)
-            batches = -(-max(1, self.tokens // self.seq_len) // CALIBRATION_BATCH)
-            with progress_bar("smooth: calibrating", batches, enabled=self.progress) as advance:
-                amax, _ = input_channel_amax(model, _advancing(windows, advance), [(n, modules[n]) for n in names])
-        finally:
-            del model
+    def needs(self, plan: Plan) -> Needs:
+        """The source's input maxima at every quantized reader; a smoothed source's factors (this is a new round)."""
+        modules = tuple(n for point in self.points(plan) for n in point["quantized"])
+        text = tuple(self.data) if isinstance(self.data, list) else self.data
+        return Needs(activations=ActivationRequest(
+            modules, text, self.tokens, self.seq_len, label="smooth: calibrating",
+            role=f"the {plan.arch.model_type} architecture data names as a norm reader"),
+            factors=self.key in plan.surgeon)
+
+    def scales(self, plan: Plan, points: list[dict], amax: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{point: power-of-two s} from the source model's input maxima `amax` on the calibration text."""
         scales = {}
         for point in points:
             a = torch.stack([amax[n] for n in point["quantized"]]).amax(0)
@@ -166,17 +183,15 @@ class Smooth:
             scales[point["point"]] = power_of_two(balance_scales(a, w, self.alpha))
         return scales
 
-    def apply(self, plan: Plan) -> None:
-        if self.name in plan.applied:
-            raise SurgeonError("smooth is given twice: one smooth pass per convert (a smoothed checkpoint can be "
-                               "smoothed again later, e.g. after training, to recalibrate)")
-        if "hadamard" in plan.surgeon:
-            raise SurgeonError("smooth must come before hadamard: its scales are per channel of the unrotated inputs "
-                               "(convert with -t smooth -t hadamard, from a checkpoint without hadamard)")
+    def apply(self, plan: Plan, calibration: Calibration | None = None) -> None:
+        self.check(plan)
+        if calibration is None or calibration.activations is None:
+            raise SurgeonError("smooth needs the activation statistics of its source: convert() measures them "
+                               "(surgeon.calibrate) and hands them over")
         earlier = plan.surgeon.get(self.key)  # a smoothed checkpoint (e.g. trained since): this round recalibrates
-        previous = read_factor_entries(plan.source.path) if earlier else {}
+        previous = calibration.factors if earlier else {}
         points = self.points(plan)
-        scales = self.calibrate(plan, points)
+        scales = self.scales(plan, points, calibration.activations)
         factors = {}
         for point in points:
             s = scales[point["point"]]
@@ -196,48 +211,18 @@ class Smooth:
             "log2_scale_range": [int(every.min()), int(every.max())],
             "rounds": earlier.get("rounds", 1) + 1 if earlier else 1,
         }
-        plan.surgeon.setdefault("transforms", []).append(self.name)
-        plan.applied.append(self.name)
+        self.mark_applied(plan)
 
+    @classmethod
+    def describe(cls, block: dict, *, text: str = "calibration") -> str:
+        low, high = block["log2_scale_range"]
+        return (f"smoothed with α {block['alpha']:g} on {block['calibration_tokens']:,} {text} tokens, "
+                f"scales 2^{low}…2^{high}")
 
-def read_factor_entries(model_dir: str | os.PathLike) -> dict[str, torch.Tensor] | None:
-    """The FACTORS_FILE's entries ({"<tensor>@<axis>": f}) of a model directory; None when it has none."""
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    path = Path(model_dir) / FACTORS_FILE
-    if not path.is_file():
-        return None
-    with safe_open(str(path), framework="pt") as fh:
-        if (fh.metadata() or {}).get("format") != FACTORS_FORMAT:
-            raise SurgeonError(f"{path} is not a surgeon smooth factors file (its metadata names no such format)")
-        return {key: fh.get_tensor(key) for key in fh.keys()}
-
-
-def load_factors(model_dir: str | os.PathLike, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """{tensor name: the factor smooth multiplied it by, shaped to broadcast against it} from the model directory's
-    FACTORS_FILE; `shapes` are the model's tensors (names as in the checkpoint)."""
-    from pathlib import Path
-
-    path = Path(model_dir) / FACTORS_FILE
-    entries = read_factor_entries(model_dir)
-    if entries is None:
-        raise SurgeonError(f"{model_dir} has no {FACTORS_FILE}: only a model written by `surgeon convert -t smooth` "
-                           "(or exported from training one) records its smoothing factors (convert the model with "
-                           "smooth, or train in the stored coordinates)")
-    out: dict[str, torch.Tensor] = {}
-    for key, f in entries.items():
-        name, _, axis = key.rpartition("@")
-        if name not in shapes:
-            raise SurgeonError(f"{path} names {name!r}, which the model does not have: the factors belong to "
-                               "another model")
-        shape = [1] * len(shapes[name])
-        axis = int(axis)
-        if len(shape) < -axis or shapes[name][axis] != f.numel():
-            raise SurgeonError(f"{path}: {key} has {f.numel()} factors for a tensor of shape "
-                               f"{tuple(shapes[name])}: the factors belong to another model")
-        shape[axis] = -1
-        f = f.reshape(shape)
-        out[name] = out[name] * f if name in out else f
-    return out
+    @classmethod
+    def explain(cls, surgeon: dict) -> str:
+        return ("The smooth pass then divides each input channel j of the q/k/v, gate/up and down_proj layers by a "
+                "power of two s_j (SmoothQuant's balance of activation and weight maxima, folded into the norm "
+                "weights" + (", GatedNorm's down projection" if "gated_norm" in surgeon else "") + " and up_proj's "
+                "rows) and multiplies the reading weights' column j by s_j: bit for bit the same function, but the "
+                "activations' per-channel outliers now sit in the weights, where INT4's groups of 32 take them. ")

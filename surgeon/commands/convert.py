@@ -9,12 +9,10 @@ from __future__ import annotations
 import sys
 import warnings
 
+from rich.console import Console
 from rich.table import Table
 
-from rich.console import Console
-from ..errors import SurgeonError
-from ..transforms import DEFAULT_RANK, RESIDUAL_READERS, TRANSFORMS
-from ..transforms.hadamard import GROUPS as HADAMARD_GROUPS
+from ..transforms import TRANSFORMS
 
 
 def add_parser(sub):
@@ -26,36 +24,7 @@ def add_parser(sub):
     p.add_argument("output", help="output directory (must not exist unless --force)")
     p.add_argument("--transform", "-t", action="append", required=True, choices=sorted(TRANSFORMS),
                    help="a transform pass; repeat to compose (applied in the order given)")
-    p.add_argument("--rank", type=int, default=DEFAULT_RANK, help="GatedNorm rank r (default %(default)s)")
-    p.add_argument("--targets", default=RESIDUAL_READERS,
-                   help="comma-separated norm roles: residual (pre-attention, pre-MLP and final; the default), "
-                        "or pre_attention, pre_mlp, final, q_norm, k_norm")
-    p.add_argument("--qk-norm", action="store_true",
-                   help="also target the per-head q_norm and k_norm (qwen3, qwen3_moe)")
-    g = p.add_argument_group("absorb-sinks")
-    g.add_argument("--sinks", default="auto",
-                   help="residual-sink dimensions: auto (from the scan) or comma-separated indices such as 507,1234")
-    g.add_argument("--scale", default="auto",
-                   help="divide each sink by this power of two (rounded to one, with a warning); auto: the scan's "
-                        "scale_pow2, which brings the dimension to the typical level")
-    g.add_argument("--scan", default=None, help="scan.json of this model (from `surgeon scan`)")
-    g.add_argument("--data", default=None,
-                   help="text to scan when there is no --scan (absorb-sinks) and to calibrate smooth: .txt, .jsonl, "
-                        "a folder of them, or `default`")
-    g.add_argument("--scan-tokens", type=int, default=8192, help="text tokens scanned with --data (default 8192)")
-    g = p.add_argument_group("smooth")
-    g.add_argument("--smooth-alpha", type=float, default=0.5,
-                   help="SmoothQuant's α: the share of each input channel's outlier moved into the weights "
-                        "(default %(default)s)")
-    g.add_argument("--smooth-tokens", type=int, default=8192,
-                   help="calibration tokens of --data (default %(default)s)")
-    g = p.add_argument_group("hadamard")
-    g.add_argument("--hadamard-groups", default=",".join(HADAMARD_GROUPS),
-                   help="the linear inputs rotated online, comma-separated (default: all, %(default)s)")
-    g = p.add_argument_group("glu")
-    g.add_argument("--glu-alpha", type=float, default=0.0,
-                   help="α of act_α = (1−α)·silu + α·σ: 0 (default) keeps the function for annealing in training; "
-                        "1 converts to GLU directly (changes the function; a stock model if nothing else is added)")
+    add_pass_options(p)
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="store floating tensors in this dtype")
     p.add_argument("--shard-size", default="5GB", help="largest shard (default %(default)s)")
     p.add_argument("--verify", action="store_true", help="compare logits of source and result; fail above tolerance")
@@ -67,32 +36,26 @@ def add_parser(sub):
     p.set_defaults(func=run)
 
 
+def add_pass_options(parser) -> None:
+    """Every pass's own options, in TRANSFORMS order: under a heading of the pass's name, or among the command's
+    own (cli_group false); an option that several passes share is added once, where it first appears."""
+    added: dict[str, object] = {}
+    for cls in TRANSFORMS.values():
+        group = None
+        for option in cls.options:
+            if option.flags[0] in added:
+                if added[option.flags[0]] is not option:
+                    raise RuntimeError(f"{cls.name} declares {option.flags[0]} unlike the pass that added it")
+                continue
+            if group is None:
+                group = parser.add_argument_group(cls.name) if cls.cli_group else parser
+            group.add_argument(*option.flags, **option.kwargs)
+            added[option.flags[0]] = option
+
+
 def build_transforms(args) -> list:
-    roles = tuple(r.strip() for r in args.targets.split(",") if r.strip())
-    if args.qk_norm:
-        roles += ("q_norm", "k_norm")
-    names = list(args.transform)
-    if "absorb-sinks" in names and "pre-affine" in names and names.index("pre-affine") > names.index("absorb-sinks"):
-        raise SurgeonError("put pre-affine before absorb-sinks: absorb-sinks inserts PreAffine on the residual "
-                           "norms where absent and reuses one that is already there")
-    built = []
-    for name in names:
-        cls = TRANSFORMS[name]
-        if name == "absorb-sinks":
-            built.append(cls(sinks=args.sinks, scale=args.scale, scan=args.scan, data=args.data,
-                             scan_tokens=args.scan_tokens, progress=True))
-        elif name == "smooth":
-            built.append(cls(data=args.data, alpha=args.smooth_alpha, tokens=args.smooth_tokens, progress=True))
-        elif name == "glu":
-            built.append(cls(alpha=args.glu_alpha))
-        elif name == "hadamard":
-            built.append(cls(groups=args.hadamard_groups))
-        else:
-            kwargs = {"roles": roles}
-            if name == "gated-norm":
-                kwargs["rank"] = args.rank
-            built.append(cls(**kwargs))
-    return built
+    """The passes named by --transform, in the order given, each built from its own options."""
+    return [TRANSFORMS[name].from_args(args) for name in args.transform]
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None):

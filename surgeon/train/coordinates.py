@@ -48,7 +48,7 @@ def source_maps(model_dir: str | os.PathLike) -> dict[str, ToSource]:
     the stored weights are the source's."""
     from surgeon.io import Checkpoint
     from surgeon.transforms.hadamard import rotated_blocks
-    from surgeon.transforms.smooth import load_factors
+    from surgeon.io.smooth_factors import load_factors
 
     ckpt = Checkpoint(model_dir)
     block = ckpt.config.get("surgeon") or {}
