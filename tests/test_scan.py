@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import surgeon  # noqa: F401  (registers the surgeon_* families)
-from surgeon import scan as scan_module
+from surgeon import scan_recorder
 from surgeon.cli import main as cli_main
 from surgeon.errors import SurgeonError
 from surgeon.scan import ScanReport, scan
@@ -125,7 +125,7 @@ def test_attention_sink_score_matches_eager_attention(family, path, monkeypatch)
     """Both ways of computing it (the CPU flash kernel's logsumexp; explicit logits after SDPA) agree with the
     probabilities eager attention returns — with a sliding window for mistral, so the mask path is exercised."""
     if path == "logits":
-        monkeypatch.setattr(scan_module, "_FLASH_CPU", None)
+        monkeypatch.setattr(scan_recorder, "_FLASH_CPU", None)
     overrides = {"sliding_window": 8} if family == "mistral" else {}
     model = tiny(family, **overrides)
     batches = windows()
@@ -156,10 +156,10 @@ def test_scan_forward_is_the_plain_forward(monkeypatch):
     with torch.no_grad():
         plain = model(batch).logits
     seen = {}
-    recorder = scan_module._Recorder(model, IdTokenizer(), massive_abs=100.0, massive_ratio=1000.0, top_k=4,
-                                     sample_tokens=4, sample_dims=4)
+    recorder = scan_recorder.Recorder(model, IdTokenizer(), massive_abs=100.0, massive_ratio=1000.0, top_k=4,
+                                      sample_tokens=4, sample_dims=4)
     recorder.input_ids = batch
-    with scan_module._scan_attention_enabled(model, recorder) as enabled, torch.no_grad():
+    with scan_recorder.scan_attention_enabled(model, recorder) as enabled, torch.no_grad():
         seen["enabled"] = enabled
         scanned = model(batch).logits
     assert seen["enabled"]
