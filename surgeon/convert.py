@@ -187,23 +187,11 @@ def write_manifest(out: Path, report: ConvertReport, config: dict) -> None:
         f"| parameters | {report.params_before:,} → {report.params_after:,} |",
         f"| tensors rewritten / added | {report.tensors_rewritten} / {report.tensors_added} |",
     ]
-    for key in ("gated_norm", "pre_affine"):
-        if key in block:
-            extra = f", rank {block[key]['rank']}" if "rank" in block[key] else ""
-            lines.append(f"| {key} targets | {', '.join(f'`{t}`' for t in block[key]['targets'])}{extra} |")
-    if "absorb_sinks" in block:
-        sinks = ", ".join(f"{s['dim']} (÷{s['scale']})" for s in block["absorb_sinks"]["sinks"])
-        lines.append(f"| absorbed residual sinks | {sinks} |")
-    if "smooth" in block:
-        low, high = block["smooth"]["log2_scale_range"]
-        lines.append(f"| smoothed (SmoothQuant folded in), α | {block['smooth']['alpha']:g}: "
-                     f"{block['smooth']['points']} points, scales 2^{low}…2^{high} |")
-    if "hadamard" in block:
-        groups = block["hadamard"]["groups"]
-        lines.append("| Hadamard-rotated linear inputs (online) | "
-                     + ", ".join(f"{g} (blocks of {v['block']})" for g, v in groups.items()) + " |")
-    if "glu" in block:
-        lines.append(f"| SwiGLU → GLU, α | {block['glu']['alpha']:g} |")
+    from .transforms import TRANSFORMS
+
+    # every pass the model carries (this convert's and earlier ones'), each in its own words
+    lines += [f"| {label} | {value} |" for cls in TRANSFORMS.values() if cls.key in block
+              for label, value in [cls.card_row(block[cls.key])]]
     if report.verify:
         note = " (expected to differ)" if report.verify.get("expected_to_differ") else ""
         lines.append(f"| verified max abs logit diff | {report.verify['max_abs_diff']:.3g}{note} |")

@@ -11,6 +11,7 @@ MoE: per-expert and fused checkpoints both convert and load (with surgeon, and a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -228,6 +229,11 @@ def test_absorb_auto_from_a_scan(tmp_path):
     block = json.loads((out / "config.json").read_text())["surgeon"]["absorb_sinks"]
     assert {s["dim"]: s["scale"] for s in block["sinks"]} == expected
     assert expected[SINK] >= 16
+    # the scan by file name and sha256: a published config carries no path of the converter's file system
+    digest = hashlib.sha256((tmp_path / "scan.json").read_bytes()).hexdigest()
+    assert {json.dumps(s["from"]) for s in block["sinks"]} == {json.dumps({"scan": {"file": "scan.json",
+                                                                                   "sha256": digest}})}
+    assert str(tmp_path) not in (out / "config.json").read_text()
     assert torch.equal(logits(src), logits(out))
     model, tokenizer = load_model(out)
     again = scan(model, tokenizer, windows, progress=False)
@@ -244,6 +250,9 @@ def test_absorb_auto_from_a_scan(tmp_path):
                  "--scan-tokens", "256", "--verify"]) == 0
     block = json.loads((tmp_path / "cli" / "config.json").read_text())["surgeon"]["absorb_sinks"]
     assert SINK in [s["dim"] for s in block["sinks"]]
+    assert block["sinks"][0]["from"] == {"scan of": [{"file": "text.txt",
+                                                      "sha256": hashlib.sha256(text.read_bytes()).hexdigest()}]}
+    assert str(tmp_path) not in (tmp_path / "cli" / "config.json").read_text()
 
 
 def test_absorb_scale_rounding(sources, tmp_path):
@@ -316,6 +325,14 @@ def test_absorb_cli_errors_are_one_line(sources, tmp_path, capsys):
     assert main(["convert", src, str(tmp_path / "out"), "-t", "absorb-sinks", "-t", "pre-affine", "--sinks", "3",
                  "--scale", "4"]) == 2
     assert "put pre-affine before absorb-sinks" in capsys.readouterr().err
+
+
+def test_the_order_is_checked_for_python_callers_too(sources, tmp_path):
+    """The rule is the pass's (`after`), checked by convert(): the same refusal without the CLI, nothing written."""
+    with pytest.raises(SurgeonError, match="put pre-affine before absorb-sinks: absorb-sinks inserts PreAffine"):
+        convert(sources[("llama", False)], tmp_path / "out", [AbsorbSinks(sinks=[3], scale=4), PreAffine()],
+                show_progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- glu

@@ -204,3 +204,35 @@ def test_the_default_passes(tmp_path):
         assert names == ["gated-norm"] * gated + ["pre-affine", "absorb-sinks", "smooth", "hadamard"]
         assert [p.name for p in conversion_passes(cfg, None, [tmp_path / "t.txt"], control=True)] == ["smooth",
                                                                                                  "hadamard"]
+
+
+def test_the_defaults_are_the_shipped_yaml():
+    """PipelineConfig's defaults are configs/pipeline.yaml's (package data of surgeon.configs), one key per field;
+    the tuned values are the measured ones (docs/experiments.md)."""
+    import dataclasses
+    from importlib.resources import files
+
+    import yaml
+
+    shipped = yaml.safe_load((files("surgeon.configs") / "pipeline.yaml").read_text())
+    assert {f.name: f.default for f in dataclasses.fields(PipelineConfig)} == shipped
+    assert (shipped["smooth_alpha"], shipped["hadamard"], shipped["gated_norm"]) == (0.8, True, False)
+    assert shipped["scan_tokens"] == 4096 and shipped["recipe"] == "smollm2-cpu"
+
+
+def test_each_pass_describes_itself_in_the_report():
+    """write_report's prose comes from the passes: a clause each from their config blocks, in the order they ran."""
+    from surgeon.transforms import AbsorbSinks, GatedNorm, Hadamard, Smooth
+
+    assert GatedNorm.describe({"rank": 4, "targets": []}) == "rank 4"
+    assert AbsorbSinks.describe({"sinks": [{"dim": 7, "scale": 2048}], "untied_lm_head": True}) == \
+        "absorbed dim 7 ÷2048 and the LM head untied from the embedding"
+    assert AbsorbSinks.describe({"sinks": []}) == ""
+    assert Smooth.describe({"alpha": 0.8, "calibration_tokens": 8192, "log2_scale_range": [-11, 4]},
+                           text="training") == "smoothed with α 0.8 on 8,192 training tokens, scales 2^-11…2^4"
+    assert Hadamard.describe({"groups": {"mlp_out": {"block": 32}}}) == "inputs of mlp_out (blocks of 32) Hadamard-rotated"
+    surgeon = {"gated_norm": {}, "absorb_sinks": {}, "smooth": {}}
+    assert GatedNorm.explain(surgeon) == "the gates are identity-initialized, and "
+    assert "GatedNorm's down projection" in Smooth.explain(surgeon)
+    assert "Activation quantization sees the same values" in AbsorbSinks.explain({"absorb_sinks": {}})
+    assert "Activation quantization" not in AbsorbSinks.explain(surgeon)

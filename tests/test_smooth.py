@@ -176,3 +176,48 @@ def test_smoothing_again_recalibrates_and_composes_the_factors(sources, corpus, 
     (once / FACTORS_FILE).unlink()
     convert(once, tmp_path / "orphan", [Smooth(data=corpus, tokens=256, seq_len=32)], show_progress=False)
     assert not (tmp_path / "orphan" / FACTORS_FILE).exists()
+
+
+def test_the_passes_read_nothing_themselves(sources, corpus, tmp_path, monkeypatch):
+    """Calibration is the caller's (surgeon.calibrate): handed what they declared they need, absorb-sinks (a scan),
+    smooth (activation statistics, and a smoothed source's factors) and hadamard (the factors) rewrite the plan with
+    every loader made to fail, and the result is the checkpoint convert() writes."""
+    import surgeon.calibrate
+    import surgeon.io.smooth_factors
+    import surgeon.scan
+    import surgeon.sources
+    from surgeon.calibrate import Calibrator
+    from surgeon.plan import Plan
+    from surgeon.transforms import AbsorbSinks, Hadamard
+
+    once = tmp_path / "once"  # smoothed: the next round needs its factors file
+    convert(sources["llama"], once, [Smooth(data=corpus, tokens=256, seq_len=32)], show_progress=False)
+    model, tokenizer = surgeon.sources.load_model(once)
+    windows = [torch.randint(3, 128, (4, 32), generator=torch.Generator().manual_seed(0))]
+    report = surgeon.scan.scan(model, tokenizer, windows, progress=False)
+    report.sinks = [surgeon.scan.SinkDim(dim=OUTLIER, mean_abs=4.0, median_mean_abs=1.0, ratio_to_median=4.0,
+                                         scale_pow2=4, max_abs=4.0, first_token_mean_abs=4.0, per_layer_mean_abs=[],
+                                         norm_weights={})]  # the pass absorbs what the scan says, planted here
+    report.save(tmp_path / "scan.json")
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a pass read the source itself")
+
+    loaders = [(surgeon.sources, "load_model"), (surgeon.sources, "resolve_text"),
+               (surgeon.sources, "iter_token_windows"), (surgeon.scan, "scan"), (surgeon.scan.ScanReport, "load"),
+               (surgeon.io.smooth_factors, "read_factor_entries"), (surgeon.calibrate.Calibrator, "calibrate")]
+    for passes in ([AbsorbSinks(scan=tmp_path / "scan.json"),
+                    Smooth(data=corpus, alpha=0.9, tokens=256, seq_len=32)], [Hadamard()]):
+        plan, calibrator = Plan(Checkpoint(once)), Calibrator(once)
+        for transform in passes:
+            calibration = calibrator.calibrate(transform.needs(plan))
+            with monkeypatch.context() as patched:
+                for module, name in loaders:
+                    patched.setattr(module, name, refused)
+                transform.apply(plan, calibration)
+                planned = {spec.name: plan.produce(spec) for spec in plan.specs()}
+        out = tmp_path / "-".join(p.name for p in passes)
+        convert(once, out, passes, show_progress=False)
+        written = tensors(out)
+        assert planned.keys() == written.keys() and all(torch.equal(planned[n], written[n]) for n in written)
+        assert plan.side_tensors.keys() == {FACTORS_FILE}  # the smoothed source's factors came along, as handed

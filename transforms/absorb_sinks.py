@@ -314,6 +314,10 @@ class AbsorbSinks(Pass):
         return "absorbed " + ", ".join(f"dim {s['dim']} ÷{s['scale']:g}" for s in sinks) + untied
 
     @classmethod
+    def card_row(cls, block: dict) -> tuple[str, str]:
+        return "absorbed residual sinks", ", ".join(f"{s['dim']} (÷{s['scale']})" for s in block["sinks"])
+
+    @classmethod
     def explain(cls, surgeon: dict) -> str:
         return ("each sink dimension is divided by a power of two in every residual writer (embedding, o_proj and "
                 "down_proj rows) and multiplied back in every reading norm's PreAffine. The residual stream shrinks "

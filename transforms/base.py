@@ -74,6 +74,11 @@ class Pass:
         """Why the converted model keeps the function, in the report's prose (`surgeon`: the whole config block)."""
         return ""
 
+    @classmethod
+    def card_row(cls, block: dict) -> tuple[str, str]:
+        """The model card's row for the pass: (label, value), from its config block."""
+        raise NotImplementedError
+
     def mark_applied(self, plan: Plan) -> None:
         plan.surgeon.setdefault("transforms", []).append(self.name)
         plan.applied.append(self.name)
@@ -132,6 +137,11 @@ class NormTransform(Pass):
 
     def rewrite_norm(self, plan: Plan, norm: str) -> None:
         raise NotImplementedError
+
+    @classmethod
+    def card_row(cls, block: dict) -> tuple[str, str]:
+        extra = f", rank {block['rank']}" if "rank" in block else ""
+        return f"{cls.key} targets", ", ".join(f"`{t}`" for t in block["targets"]) + extra
 
     def record(self) -> dict:
         """The transform's parameters as written into config["surgeon"][key]."""

@@ -82,3 +82,7 @@ class GLU(Pass):
     @classmethod
     def describe(cls, block: dict, *, text: str = "calibration") -> str:
         return f"SwiGLU annealed towards GLU, α {block['alpha']:g}"
+
+    @classmethod
+    def card_row(cls, block: dict) -> tuple[str, str]:
+        return "SwiGLU → GLU, α", f"{block['alpha']:g}"

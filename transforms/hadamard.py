@@ -128,6 +128,11 @@ class Hadamard(Pass):
         return "inputs of " + ", ".join(f"{g} (blocks of {v['block']})" for g, v in groups.items()) + " Hadamard-rotated"
 
     @classmethod
+    def card_row(cls, block: dict) -> tuple[str, str]:
+        return ("Hadamard-rotated linear inputs (online)",
+                ", ".join(f"{g} (blocks of {v['block']})" for g, v in block["groups"].items()))
+
+    @classmethod
     def explain(cls, surgeon: dict) -> str:
         return ("The hadamard pass multiplies every q/k/v, o, gate/up and down_proj weight by a block-diagonal "
                 "Hadamard matrix H on its input side, and the model multiplies the layer's input by H as it runs "

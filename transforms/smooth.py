@@ -220,6 +220,12 @@ class Smooth(Pass):
                 f"scales 2^{low}…2^{high}")
 
     @classmethod
+    def card_row(cls, block: dict) -> tuple[str, str]:
+        low, high = block["log2_scale_range"]
+        return ("smoothed (SmoothQuant folded in), α",
+                f"{block['alpha']:g}: {block['points']} points, scales 2^{low}…2^{high}")
+
+    @classmethod
     def explain(cls, surgeon: dict) -> str:
         return ("The smooth pass then divides each input channel j of the q/k/v, gate/up and down_proj layers by a "
                 "power of two s_j (SmoothQuant's balance of activation and weight maxima, folded into the norm "
