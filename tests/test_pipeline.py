@@ -230,7 +230,8 @@ def test_each_pass_describes_itself_in_the_report():
     assert AbsorbSinks.describe({"sinks": []}) == ""
     assert Smooth.describe({"alpha": 0.8, "calibration_tokens": 8192, "log2_scale_range": [-11, 4]},
                            text="training") == "smoothed with α 0.8 on 8,192 training tokens, scales 2^-11…2^4"
-    assert Hadamard.describe({"groups": {"mlp_out": {"block": 32}}}) == "inputs of mlp_out (blocks of 32) Hadamard-rotated"
+    assert Hadamard.describe({"groups": {"mlp_out": {"block": 32}}}) == \
+        "inputs of mlp_out (blocks of 32) Hadamard-rotated"
     surgeon = {"gated_norm": {}, "absorb_sinks": {}, "smooth": {}}
     assert GatedNorm.explain(surgeon) == "the gates are identity-initialized, and "
     assert "GatedNorm's down projection" in Smooth.explain(surgeon)

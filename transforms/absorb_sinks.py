@@ -20,10 +20,11 @@ Tied embeddings: the LM head reads the final norm's output, so it must keep the 
 as `lm_head.weight` (the embedding before scaling) and the config says `tie_word_embeddings: false`.
 
 Scales: `auto` takes the scan's `scale_pow2`, the largest power of two ≤ the dimension's mean |h| over the median
-dimension's (it brings the dimension to the typical level, never below it). The scan is the caller's
-(surgeon.calibrate: a scan.json of this model, or one pass over text), handed to the pass, which reads nothing. An explicit scale must be positive;
+dimension's (it brings the dimension to the typical level, never below it). An explicit scale must be positive;
 one that is not a power of two is rounded to the nearest power of two (in log scale) with a warning, because only
-a power of two is exact; a scale that rounds to 1 or less absorbs nothing and is refused.
+a power of two is exact; a scale that rounds to 1 or less absorbs nothing and is refused. The scan is the
+caller's (surgeon.calibrate: a scan.json of this model, or one pass over text), handed to the pass, which reads
+nothing itself.
 
 Invariant (tests/test_absorb_glu_moe.py): logits identical (torch.equal, fp32 and bf16); every residual-stream
 point's dimension k is the source's divided by s_k exactly, every other dimension identical; no dimension is

@@ -36,9 +36,9 @@ class GLU(Pass):
     name = "glu"
     key = "glu"
     options = (Option(("--glu-alpha",), "alpha", dict(
-        type=float, default=0.0, help="α of act_α = (1−α)·silu + α·σ: 0 (default) keeps the function for annealing "
-                                      "in training; 1 converts to GLU directly (changes the function; a stock model "
-                                      "if nothing else is added)")),)
+        type=float, default=0.0, help="α of act_α = (1−α)·silu + α·σ: 0 (default) keeps the function for "
+                                      "annealing in training; 1 converts to GLU directly (changes the function; a "
+                                      "stock model if nothing else is added)")),)
 
     def __post_init__(self):
         try:

@@ -23,7 +23,8 @@ rounded once to their dtype; fp32 logits move by ~1e-6 relative (--verify's 1e-5
 first (its scales and recorded factors are per channel of the unrotated input); smooth on a rotated model is
 refused. A smoothed model's factors file stays as smooth wrote it, stored = (source ⊙ m)·H, which training in the
 source's coordinates undoes (surgeon.train.coordinates); when smooth ran in an earlier convert and hadamard is this
-convert's first pass, the file comes along (read by the caller, surgeon.calibrate). Dense families only (MoE experts are fused parameters).
+convert's first pass, the file comes along (read by the caller, surgeon.calibrate). Dense families only (MoE
+experts are fused parameters).
 
 Invariant (tests/test_hadamard.py): logits equal the source's within fp32 rounding on every dense family; every
 rotated weight equals the source weight times H exactly as the formula says (float64); a rotated linear's input
@@ -125,7 +126,8 @@ class Hadamard(Pass):
         groups = block.get("groups")
         if not groups:
             return ""
-        return "inputs of " + ", ".join(f"{g} (blocks of {v['block']})" for g, v in groups.items()) + " Hadamard-rotated"
+        rotated = ", ".join(f"{g} (blocks of {v['block']})" for g, v in groups.items())
+        return f"inputs of {rotated} Hadamard-rotated"
 
     @classmethod
     def card_row(cls, block: dict) -> tuple[str, str]:

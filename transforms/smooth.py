@@ -24,15 +24,15 @@ group.
 
 Calibration: the model as it is before this pass equals the source model (every earlier pass preserves the
 function), so the caller (surgeon.calibrate) runs the source on `data` (`tokens` text tokens, windows of `seq_len`)
-with a forward pre-hook on each reader and hands the pass a_j; the pass reads nothing itself. Architecture data: `norm_readers` (per norm role, the linears reading its output) and `mlp.up` /
-`mlp.down`; a family without them (the MoE families, whose experts are fused parameters) is refused.
+with a forward pre-hook on each reader and hands the pass a_j; the pass reads nothing itself. Architecture data:
+`norm_readers` (per norm role, the linears reading its output) and `mlp.up` / `mlp.down`; a family without them
+(the MoE families, whose experts are fused parameters) is refused.
 
 The factors are kept beside the weights in `smooth_factors.safetensors` (surgeon.io.smooth_factors): key
-`<tensor>@<axis>` → the vector f
-with rewritten = source × f along that axis (1/s for a writer, s for a reader; up_proj has a row and a column
-entry). Training reads it to take its optimizer steps on the unsmoothed weights (surgeon.train.coordinates), and
-export carries it to the trained model; a later convert does not, unless hadamard is its first pass (the rotation
-composes with the factors).
+`<tensor>@<axis>` → the vector f with rewritten = source × f along that axis (1/s for a writer, s for a reader;
+up_proj has a row and a column entry). Training reads it to take its optimizer steps on the unsmoothed weights
+(surgeon.train.coordinates), and export carries it to the trained model; a later convert does not, unless
+hadamard is its first pass (the rotation composes with the factors).
 
 Smoothing a smoothed checkpoint again (typically after training, whose updates move the activations the first
 scales were calibrated on) is a recalibration: new scales from the checkpoint as it is, folded the same way, and
