@@ -58,8 +58,8 @@ def surgeon_config(plan: Plan, source: Checkpoint, sha256: str) -> dict:
     block.setdefault("base_model_type", base)
     block.setdefault("base_architectures", source.config.get("architectures"))
     block["version"] = __version__
-    block.setdefault("history", []).append(
-        {"transforms": list(plan.applied), "source": str(final_path(source.path.resolve())), "source_sha256": sha256}
+    block.setdefault("history", []).append(  # the source by name and hash: a published model names no local path
+        {"transforms": list(plan.applied), "source": final_path(source.path.resolve()).name, "source_sha256": sha256}
     )
     block["source_sha256"] = block["history"][0]["source_sha256"]
     return set_model_type(config, base)
