@@ -7,7 +7,6 @@ import argparse
 import importlib
 import sys
 
-from .errors import SurgeonError
 
 COMMANDS = ["convert", "inspect", "scan", "import_gguf", "eval", "pipeline", "train", "export"]
 
@@ -28,13 +27,22 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except SurgeonError as err:
-        print(f"surgeon: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("surgeon: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except Exception as err:  # the one error path: every failure is one line (staging dirs are gone already)
+        return _fail(err, args)
+    except KeyboardInterrupt as err:
+        return _fail(err, args)
 
+
+def _fail(err: BaseException, args) -> int:
+    from .errors import debug, describe
+
+    message, code = describe(err, getattr(args, "command", None))
+    if debug():
+        import traceback
+
+        traceback.print_exception(err, file=sys.stderr)
+    print(f"surgeon: error: {message}", file=sys.stderr)
+    return code
 
 if __name__ == "__main__":
     sys.exit(main())
