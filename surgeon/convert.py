@@ -19,6 +19,7 @@ from .errors import SurgeonError
 from .io import Checkpoint, final_path, parse_size, staged_directory, write_sharded
 from .io.digest import SourceHasher
 from .io.hf_dir import MANIFEST, copy_side_files, set_model_type
+from .io.validate import check_tensors
 from .modeling import BASE_MODEL_TYPES, MODELING_FILE
 from .architectures import base_model_type
 from .calibrate import Calibrator
@@ -90,6 +91,7 @@ def convert(
     check_order(transforms)
     ckpt = Checkpoint(source)
     plan = Plan(ckpt, seed=seed)
+    check_tensors(ckpt)  # names and shapes against config.json, before anything is measured or written
     out_dtype = parse_dtype(dtype)
     if out_dtype is not None:
         plan.cast(out_dtype)

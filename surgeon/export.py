@@ -36,8 +36,10 @@ from .convert import DEFAULT_SHARD_SIZE
 from .dtypes import parse_dtype
 from .errors import SurgeonError, one_line
 from .io import Checkpoint, TensorSpec, check_destination, final_path, parse_size, staged_directory, write_sharded
+from .io.atomic import OWNER_FILE
 from .io.digest import SourceHasher
 from .io.ds_checkpoint import checkpoint_layout, load_checkpoint
+from .io.validate import check_tensors
 from .io.hf_dir import MANIFEST, copy_modeling_files, copy_side_files, modeling_files, set_model_type
 from .model_card import eval_figures, export_card, normalize_figures
 from .modeling import GLU_ACTIVATION
@@ -158,6 +160,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str | t
         raise SurgeonError(f"the run's model directory {model_dir} (run.json model.path) is gone; the export needs "
                            "its config and tokenizer: restore it there")
     ckpt = Checkpoint(model_dir)
+    check_tensors(ckpt)  # the names and shapes the trained weights are compared with must be the config's own
     out_dtype = parse_dtype(dtype)
     limit = parse_size(shard_size)
     figures = normalize_figures(figures)
@@ -272,7 +275,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str | t
         if not stock:
             copy_modeling_files(config, tmp, model_dir)
         write_export_manifest(tmp, report, config)
-        report.files = sorted(p.name for p in tmp.iterdir())
+        report.files = sorted(p.name for p in tmp.iterdir() if p.name != OWNER_FILE)
     return report
 
 

@@ -153,6 +153,10 @@ class Checkpoint:
         map of the file, valid only until the next scratch read, whose pages are then dropped from this
         process (the streaming writer consumes each tensor at once; peak memory stays one tensor)."""
         info = self.tensors[name]
+        return _check_finite(info, self._read(info, scratch))
+
+    def _read(self, info: TensorInfo, scratch: bool) -> torch.Tensor:
+        name = info.name
         if info.offset < 0:
             return self._handles[info.file][name]
         if scratch and info.nbytes:
@@ -206,6 +210,31 @@ class Checkpoint:
             if p.is_file() and p.name not in skip and p.resolve() not in weights
             and not p.name.startswith(".") and p.suffix not in (".safetensors", ".bin")
         )
+
+
+FINITE_CHUNK = 1 << 22  # elements checked at a time: the check's scratch stays a few MB, not a tensor's size
+
+
+def _check_finite(info: TensorInfo, tensor: torch.Tensor) -> torch.Tensor:
+    """Refuse a floating tensor holding NaN or ±inf: every read passes here, so the streaming rewrite checks each
+    source tensor as it reads it, at no extra read."""
+    if not tensor.dtype.is_floating_point or not tensor.numel():
+        return tensor
+    flat = tensor.reshape(-1)
+    for start in range(0, flat.numel(), FINITE_CHUNK):
+        chunk = flat[start:start + FINITE_CHUNK]
+        if chunk.dtype.itemsize == 1:  # float8: isfinite is not implemented for it everywhere
+            chunk = chunk.float()
+        finite = torch.isfinite(chunk)
+        if not bool(finite.all()):
+            bad = start + int((~finite).nonzero()[0])
+            index = list(torch.unravel_index(torch.tensor(bad), tensor.shape)) if tensor.dim() else []
+            raise SurgeonError(
+                f"tensor {info.name!r} in {info.file.name} holds a non-finite value ({flat[bad].item()} at "
+                f"{[int(i) for i in index]}); the checkpoint is corrupt or was saved from a diverged run: use "
+                "another checkpoint"
+            )
+    return tensor
 
 
 def _safetensors_entries(file: Path) -> list[tuple[str, torch.dtype, tuple[int, ...], int]]:

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import SurgeonError
+from .atomic import final_path
 from .reader import SAFE_DTYPES, SAFE_INDEX
 
 TORCH_TO_SAFE = {dtype: name for name, dtype in SAFE_DTYPES.items()}
@@ -93,6 +95,17 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """A write's OSError names the file (`fh.write` raises EFBIG / ENOSPC without one), for the CLI's one line."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None and err.errno is not None:  # an errno-less OSError keeps its own words
+            err.filename = str(final_path(path))
+        raise
+
+
 def write_sharded(
     out_dir: Path,
     specs: Sequence[TensorSpec],
@@ -112,7 +125,7 @@ def write_sharded(
     weight_map = {}
     for i, shard in enumerate(shards):
         path = out_dir / shard_name(i, len(shards))
-        with open(path, "wb") as fh:
+        with _naming(path), open(path, "wb") as fh:
             fh.write(_header(shard, metadata))
             for spec in shard:
                 tensor = produce(spec)
@@ -130,5 +143,6 @@ def write_sharded(
     index = {"metadata": {"total_size": sum(s.nbytes for s in specs),
                           "total_parameters": sum(s.nbytes // s.dtype.itemsize for s in specs)},
              "weight_map": weight_map}
-    (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    with _naming(out_dir / SAFE_INDEX):
+        (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return paths

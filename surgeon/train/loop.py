@@ -115,10 +115,17 @@ def _seed_step(seed: int, step: int, rank: int) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records of steps after `step` (logged after the checkpoint a resume starts from)."""
+    """Drop records of steps after `step` (logged after the checkpoint a resume starts from), and a partial one."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a record cut off by a killed process (SIGKILL mid-write): logged again on resume
+            continue
+        if record["step"] <= step:
+            keep.append(line)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     tmp.replace(path)
