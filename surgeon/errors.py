@@ -42,6 +42,7 @@ def os_error_line(err: OSError) -> str:
     """'writing out/model-00001.safetensors: File too large (EFBIG); free space or choose another destination'."""
     code = err.errno if isinstance(err.errno, int) else None
     action, fix = _OS_FIXES.get(code, ("accessing", "check the path and the disk, then run again"))
+    action = getattr(err, "surgeon_action", action)  # set where surgeon knows (io/writer.py: "writing")
     name = errno.errorcode.get(code, "") if code is not None else ""
     reason = (err.strerror or one_line(err)) + (f" ({name})" if name else "")
     where = f"{action} {err.filename}: " if err.filename else f"{action} a file: "

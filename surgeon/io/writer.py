@@ -103,6 +103,7 @@ def _naming(path: Path) -> Iterator[None]:
     except OSError as err:
         if err.filename is None and err.errno is not None:  # an errno-less OSError keeps its own words
             err.filename = str(final_path(path))
+        err.surgeon_action = "writing"  # what the CLI's line says was being done (errors.os_error_line)
         raise
 
 
