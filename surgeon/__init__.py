@@ -1,20 +1,9 @@
 """surgeon: model surgery for Hugging Face causal LMs (GatedNorm, PreAffine, sink absorption).
 
-Importing surgeon registers its model families with transformers' Auto classes, so converted checkpoints load
-without trust_remote_code.
+Importing surgeon is cheap: no torch, no transformers (the CLI answers `--help` and `inspect` without them).
+Importing `surgeon.modeling` registers surgeon's model families with transformers' Auto classes — surgeon's own
+loaders do — so converted checkpoints then load without trust_remote_code; stock transformers loads them as remote
+code.
 """
 
-import os
-
 __version__ = "0.1.0"
-
-# transformers imports DeepSpeed when it is installed; without a GPU, DeepSpeed warns while it guesses the CPU.
-if "DS_ACCELERATOR" not in os.environ:
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"
-
-from .modeling import register as _register
-
-_register()

@@ -199,7 +199,7 @@ def write_manifest(out: Path, report: ConvertReport, config: dict) -> None:
         lines.append(f"| verified max abs logit diff | {report.verify['max_abs_diff']:.3g}{note} |")
     if "auto_map" in config:
         lines += ["", "Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`, or without "
-                  "remote code after `import surgeon`.", ""]
+                  "remote code after `import surgeon.modeling`.", ""]
     else:
         lines += ["", f"A stock `{config['model_type']}` model: load with "
                   "`AutoModelForCausalLM.from_pretrained(path)`.", ""]

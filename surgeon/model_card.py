@@ -150,5 +150,5 @@ def export_card(report: ExportReport, config: dict) -> str:
                   "`AutoModelForCausalLM.from_pretrained(path)`.", ""]
     else:
         lines += ["", "Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`, or without "
-                  "remote code after `import surgeon`.", ""]
+                  "remote code after `import surgeon.modeling`.", ""]
     return "\n".join(lines)

@@ -234,10 +234,15 @@ def _load_gguf(gguf_path: Path, dtype: torch.dtype, trust_remote_code: bool):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from . import modeling  # noqa: F401  (decides DeepSpeed's accelerator before transformers imports it)
+    from .progress import gguf_progress, silence_transformers
+
+    silence_transformers()
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
-                                                      trust_remote_code=trust_remote_code)
+        with gguf_progress():
+            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                          trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=trust_remote_code)
     except SurgeonError:
         raise
@@ -271,11 +276,14 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, a
                trust_remote_code: bool = False):
     """(model, tokenizer) from a resolved model directory, in eval mode; transformers errors become one line.
 
-    `import surgeon` has registered the surgeon_* families, so converted checkpoints load without remote code.
+    Importing surgeon.modeling registers the surgeon_* families, so converted checkpoints load without remote code.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import surgeon  # noqa: F401  (registers the converted families with the Auto classes)
+    from . import modeling  # noqa: F401  (registers the converted families with the Auto classes)
+    from .progress import silence_transformers
+
+    silence_transformers()
 
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:

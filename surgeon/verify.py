@@ -38,7 +38,7 @@ def _prompt_ids(model_dir: Path, vocab_size: int) -> torch.Tensor:
 
 def load_fp32(path: Path, dtype: torch.dtype | None = None):
     """Load a model at `dtype` (default: as stored), then compute in fp32."""
-    import surgeon  # noqa: F401  (registers the surgeon families)
+    import surgeon.modeling  # noqa: F401  (registers the surgeon families)
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 

@@ -150,7 +150,7 @@ def test_qk_norm_refused_where_absent(sources, tmp_path):
 
 
 def test_reload_round_trip(sources, tmp_path):
-    import surgeon  # noqa: F401
+    import surgeon.modeling  # noqa: F401  (registers the surgeon_* families)
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"

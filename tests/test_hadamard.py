@@ -112,7 +112,7 @@ def test_function_preserved_and_weights_rotated(sources, tmp_path, family):
 
 def captured_inputs(path, modules: list[str]) -> dict[str, torch.Tensor]:
     """What each module multiplies: its input as a (later registered) forward pre-hook sees it, as a quantizer's."""
-    import surgeon  # noqa: F401
+    import surgeon.modeling  # noqa: F401  (registers the surgeon_* families)
 
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     seen = {}
@@ -133,7 +133,7 @@ def test_a_rotated_linear_reads_x_times_h_rotated_once_per_group(sources, tmp_pa
         x = plain[name].double()
         assert torch.allclose(rotated[name].double(), x @ block_diagonal(x.shape[-1], block), atol=1e-5), name
 
-    import surgeon  # noqa: F401
+    import surgeon.modeling  # noqa: F401  (registers the surgeon_* families)
 
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     calls = []

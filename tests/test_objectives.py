@@ -15,7 +15,7 @@ import torch
 from tiny import input_ids, make_tiny
 from transformers import AutoModelForCausalLM
 
-import surgeon  # noqa: F401  (registers the converted classes)
+import surgeon.modeling  # noqa: F401  (registers the converted classes)
 from surgeon.convert import convert
 from surgeon.errors import SurgeonError
 from surgeon.modeling import AnnealedGLUActivation

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import surgeon  # noqa: F401  (registers the surgeon_* families)
+import surgeon.modeling  # noqa: F401  (registers the surgeon_* families)
 from surgeon import scan_recorder
 from surgeon.cli import main as cli_main
 from surgeon.errors import SurgeonError

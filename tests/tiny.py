@@ -69,7 +69,7 @@ def input_ids(batch: int = 2, length: int = 16, seed: int = 1) -> torch.Tensor:
 
 @torch.no_grad()
 def logits(path: Path, ids: torch.Tensor | None = None, dtype=torch.float32) -> torch.Tensor:
-    import surgeon  # noqa: F401
+    import surgeon.modeling  # noqa: F401  (registers the surgeon_* families)
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     return model(input_ids=input_ids() if ids is None else ids).logits.float()

@@ -9,16 +9,10 @@ from __future__ import annotations
 import sys
 import warnings
 
-from rich.console import Console
-from rich.table import Table
 
-from ..transforms import TRANSFORMS
+def add_arguments(p) -> None:
+    from ..transforms import TRANSFORMS  # the passes declare their options (and import torch)
 
-
-def add_parser(sub):
-    p = sub.add_parser("convert", help="insert GatedNorm / PreAffine, absorb residual sinks, anneal SwiGLU → GLU, "
-                                       "fold SmoothQuant scales, rotate linear inputs (Hadamard)",
-                       description=__doc__)
     p.add_argument("source", help="source: a Hugging Face model directory, a .gguf file (dequantized first), a hub "
                                   "id in the local cache, or 'default' (SmolLM2-135M)")
     p.add_argument("output", help="output directory (must not exist unless --force)")
@@ -33,12 +27,13 @@ def add_parser(sub):
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="(dangerous) let transformers run the source's own code when importing a GGUF")
-    p.set_defaults(func=run)
 
 
 def add_pass_options(parser) -> None:
     """Every pass's own options, in TRANSFORMS order: under a heading of the pass's name, or among the command's
     own (cli_group false); an option that several passes share is added once, where it first appears."""
+    from ..transforms import TRANSFORMS
+
     added: dict[str, object] = {}
     for cls in TRANSFORMS.values():
         group = None
@@ -55,6 +50,8 @@ def add_pass_options(parser) -> None:
 
 def build_transforms(args) -> list:
     """The passes named by --transform, in the order given, each built from its own options."""
+    from ..transforms import TRANSFORMS
+
     return [TRANSFORMS[name].from_args(args) for name in args.transform]
 
 
@@ -63,6 +60,9 @@ def _print_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def run(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
     from ..convert import convert
     from ..sources import resolve_model
 

@@ -5,15 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rich.console import Console
-
 from ..errors import SurgeonError
-from ..quant import FORMATS
 
 
-def add_parser(sub):
-    p = sub.add_parser("eval", help="perplexity, unquantized and fake-quantized W4A4 (NVFP4, INT4)",
-                       description=__doc__)
+def add_arguments(p) -> None:
     p.add_argument("models", nargs="+", help="model directories, .gguf files, hub ids, or 'default'")
     p.add_argument("--data", default="default", help="text file, folder, JSONL, or 'default' (Shakespeare)")
     p.add_argument("--quant", default="none,nvfp4,int4", help="comma-separated formats (%(default)s)")
@@ -27,10 +22,11 @@ def add_parser(sub):
                         "the skipped tokens before the evaluation windows")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     p.add_argument("--trust-remote-code", action="store_true", help="(dangerous) run a checkpoint's own code")
-    p.set_defaults(func=run)
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
+    from ..quant import FORMATS
+
     formats = tuple(f.strip().lower() for f in text.split(",") if f.strip())
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
@@ -40,6 +36,7 @@ def parse_formats(text: str) -> tuple[str, ...]:
 
 def run(args) -> int:
     import torch
+    from rich.console import Console
 
     from ..evaluate import evaluate_model, save, table
     from ..progress import progress_bar
@@ -77,6 +74,8 @@ def run(args) -> int:
 def _calibration_windows(paths, tokenizer, args, windows):
     """SmoothQuant's calibration text: the tokens skipped before the evaluation windows, when they hold a window;
     else the evaluation windows themselves (said on the console)."""
+    from rich.console import Console
+
     from ..sources import iter_token_windows
 
     if args.skip_tokens >= args.seq_len:

@@ -6,13 +6,8 @@ its stock family."""
 
 from __future__ import annotations
 
-from rich.console import Console
-from rich.table import Table
 
-
-def add_parser(sub):
-    p = sub.add_parser("export", help="consolidate a training run's checkpoint into a Hugging Face model directory",
-                       description=__doc__)
+def add_arguments(p) -> None:
     p.add_argument("run_dir", help="run directory written by `surgeon train` (run.json, checkpoints/)")
     p.add_argument("output", help="output directory (must not exist unless --force)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
@@ -21,10 +16,12 @@ def add_parser(sub):
     p.add_argument("--step", type=int, help="export checkpoint step<N> instead of the latest")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
     from ..export import export
 
     report = export(args.run_dir, args.output, dtype=args.dtype, shard_size=args.shard_size, step=args.step,

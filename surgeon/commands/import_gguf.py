@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "import-gguf", help="dequantize a .gguf file into a HF model directory (safetensors + tokenizer)",
-        description="Load a GGUF file through transformers' GGUF loader, dequantize it, and write a plain HF "
-                    "model directory (config, safetensors, tokenizer) atomically. Every surgeon command also "
-                    "accepts a .gguf directly (imported once into the cache); this writes it where you choose.")
+DESCRIPTION = ("Load a GGUF file through transformers' GGUF loader, dequantize it, and write a plain HF model directory "
+               "(config, safetensors, tokenizer) atomically. Every surgeon command also accepts a .gguf directly "
+               "(imported once into the cache); this writes it where you choose.")
+
+
+def add_arguments(p) -> None:
     p.add_argument("file", type=Path, help="the .gguf file")
     p.add_argument("out", type=Path, help="output directory (must not exist unless --force)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
@@ -18,7 +18,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="dangerous: run modeling code shipped with the checkpoint")
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:

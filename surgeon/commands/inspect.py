@@ -9,18 +9,16 @@ from rich.console import Console
 from rich.table import Table
 
 
-def add_parser(sub):
-    p = sub.add_parser("inspect", help="describe a checkpoint (reads headers only)", description=__doc__)
+def add_arguments(p) -> None:
     p.add_argument("path", help="Hugging Face model directory")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(func=run)
 
 
 def describe(path) -> dict:
     from ..architectures import base_model_type, for_config
-    from ..io import Checkpoint
+    from ..io.headers import Headers  # safetensors headers: no torch
 
-    ckpt = Checkpoint(path)
+    ckpt = Headers(path)
     arch = for_config(ckpt.config)
     config = ckpt.config
     norms = {}
@@ -32,7 +30,7 @@ def describe(path) -> dict:
         norms[role] = {"pattern": pattern, "count": len(names),
                        "carries": [c.removesuffix(".weight").replace("gate_down", "gate") for c in carries]}
     block = config.get("surgeon") or {}
-    dtypes = Counter(str(i.dtype).removeprefix("torch.") for i in ckpt.tensors.values())
+    dtypes = Counter(e.dtype for e in ckpt.tensors.values())
     return {
         "path": str(ckpt.path), "model_type": config.get("model_type"), "family": base_model_type(config),
         "parameters": ckpt.num_parameters, "bytes": ckpt.nbytes, "files": [f.name for f in ckpt.files],

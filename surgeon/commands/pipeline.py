@@ -8,12 +8,10 @@ import argparse
 from pathlib import Path
 
 
-def add_parser(sub):
+def add_arguments(p) -> None:
     from ..pipeline import PipelineConfig
 
     d = PipelineConfig()
-    p = sub.add_parser("pipeline", help="the main job: scan → convert → verify → train → export → eval → report",
-                       description=__doc__)
     p.add_argument("--model", default=d.model, help="model directory, .gguf, hub id, or 'default' (SmolLM2-135M)")
     p.add_argument("--data", default=d.data, help="text file, folder, JSONL, or 'default' (Shakespeare)")
     p.add_argument("--out", type=Path, required=True, help="run directory (must not exist unless --force)")
@@ -38,7 +36,6 @@ def add_parser(sub):
                         "absorb-sinks), train it with the same recipe and budget, export it to model-control/ and "
                         "report it beside the trained model: what the modules bought")
     p.add_argument("--force", action="store_true", help="replace an existing run directory")
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:

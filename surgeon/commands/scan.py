@@ -8,11 +8,11 @@ from pathlib import Path
 from ..errors import SurgeonError
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "scan", help="measure a model's outliers on calibration text (scan.json + figures)",
-        description="One calibration pass with hooks: per-layer max |h| of the residual stream, residual-sink "
-                    "dimensions, massive activations, attention sinks; writes scan.json and PNG figures.")
+DESCRIPTION = ("One calibration pass with hooks: per-layer max |h| of the residual stream, residual-sink dimensions, "
+               "massive activations, attention sinks; writes scan.json and PNG figures.")
+
+
+def add_arguments(p) -> None:
     p.add_argument("model", help="HF model directory, .gguf file, hub id (org/name, from the local cache) or "
                                  "`default` (SmolLM2-135M-Instruct)")
     p.add_argument("--data", required=True, help="text: .txt file, .jsonl with a `text` field, a folder of them, "
@@ -30,7 +30,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-plots", action="store_true", help="write scan.json only")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="dangerous: run modeling code shipped with the checkpoint")
-    p.set_defaults(func=run)
 
 
 def _slug(spec: str) -> str:

@@ -8,9 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def add_parser(sub):
-    p = sub.add_parser("train", help="continued pretraining (DeepSpeed) that measures the outliers as it goes",
-                       description=__doc__)
+def add_arguments(p) -> None:
+    # the deepspeed launcher's --local_rank is taken by the top-level parser (cli.py)
     p.add_argument("model", help="model directory (a converted one), .gguf file, hub id, or 'default'")
     p.add_argument("--data", default="default", help="text file, folder, JSONL, or 'default' (Shakespeare)")
     p.add_argument("--out", type=Path, required=True, help="run directory (metrics, checkpoints, curves)")
@@ -26,7 +25,6 @@ def add_parser(sub):
                    "absorbed sinks, else the top dimensions of the first measurement)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--trust-remote-code", action="store_true", help="(dangerous) run a checkpoint's own code")
-    p.set_defaults(func=run)  # the deepspeed launcher's --local_rank is taken by the top-level parser (cli.py)
 
 
 def run(args) -> int:

@@ -9,28 +9,18 @@ memory would grow with the model; the streaming path maps, uses, and drops one t
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from ..errors import SurgeonError, one_line
+from ..errors import SurgeonError
+from .headers import (BIN_INDEX, DTYPE_NAMES, SAFE_INDEX, check_index_complete, load_bin, read_config,
+                      safetensors_entries, weight_files)
 
-SAFE_INDEX = "model.safetensors.index.json"
-SAFE_SINGLE = "model.safetensors"
-BIN_INDEX = "pytorch_model.bin.index.json"
-BIN_SINGLE = "pytorch_model.bin"
-
-SAFE_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
+SAFE_DTYPES = {code: getattr(torch, name) for code, name in DTYPE_NAMES.items()}
 
 
 @dataclass(frozen=True)
@@ -58,84 +48,24 @@ class Checkpoint:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if not self.path.is_dir():
-            raise SurgeonError(f"{self.path} is not a directory; give a Hugging Face model directory")
-        config_path = self.path / "config.json"
-        if not config_path.is_file():
-            raise SurgeonError(f"{self.path} has no config.json; a Hugging Face model directory needs one")
-        try:
-            self.config: dict = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise SurgeonError(f"{config_path} is not valid JSON ({err}); restore it from the source") from None
-        self._weight_map: dict[str, str] | None = None
-        self.files = self._weight_files()
+        self.config: dict = read_config(self.path)
+        self.files, weight_map = weight_files(self.path)
         self.tensors: dict[str, TensorInfo] = {}
         self._handles: dict[Path, object] = {}
         self._maps: dict[Path, mmap.mmap] = {}
         self._last_scratch: tuple[mmap.mmap, int, int] | None = None
         for file in self.files:
             self._index_file(file)
-        if self._weight_map is not None:
-            missing = sorted(set(self._weight_map) - set(self.tensors))
-            if missing:
-                raise SurgeonError(
-                    f"the index names {len(missing)} tensor(s) that no shard holds (e.g. {missing[0]!r}); "
-                    "the checkpoint is incomplete: copy it again from the source"
-                )
+        check_index_complete(weight_map, self.tensors)
 
     # -- discovery --------------------------------------------------------------------------------
 
-    def _weight_files(self) -> list[Path]:
-        for index_name, single in ((SAFE_INDEX, SAFE_SINGLE), (BIN_INDEX, BIN_SINGLE)):
-            index = self.path / index_name
-            if index.is_file():
-                return self._files_from_index(index)
-            if (self.path / single).is_file():
-                return [self.path / single]
-        loose = sorted(self.path.glob("*.safetensors"))
-        if loose:
-            return loose
-        raise SurgeonError(
-            f"{self.path} has no weights (no {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX})"
-        )
-
-    def _files_from_index(self, index: Path) -> list[Path]:
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError, TypeError):
-            raise SurgeonError(f"{index} is not a valid index (no weight_map); restore it from the source") from None
-        self._weight_map = weight_map
-        root = self.path.resolve()
-        files = []
-        for shard in dict.fromkeys(weight_map.values()):
-            file = (self.path / shard).resolve()
-            if root not in file.parents:
-                raise SurgeonError(f"{index.name} names {shard!r}, a path outside {self.path}; refusing to read it")
-            if not file.is_file():
-                raise SurgeonError(f"{index.name} names shard {shard!r}, which is missing from {self.path}")
-            files.append(file)
-        return files
-
     def _index_file(self, file: Path) -> None:
         if file.suffix == ".safetensors":
-            try:
-                with safe_open(str(file), framework="pt", device="cpu") as handle:
-                    handle.keys()  # opening validated the header against the file; we read it for the offsets
-                infos = _safetensors_entries(file)
-                handle = None
-            except Exception as err:  # safetensors raises its own error types for bad headers and sizes
-                raise SurgeonError(
-                    f"{file.name} is not a readable safetensors file ({one_line(err)}); it is truncated or "
-                    "corrupt: copy it again from the source"
-                ) from None
+            infos = [(n, SAFE_DTYPES[code], shape, offset) for n, code, shape, offset in safetensors_entries(file)]
+            handle = None
         else:
-            try:
-                handle = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as err:
-                raise SurgeonError(
-                    f"{file.name} could not be loaded safely ({one_line(err)}); only plain tensor state dicts "
-                    "are read (weights_only=True): convert it to safetensors"
-                ) from None
+            handle = load_bin(file)
             infos = [(n, t.dtype, tuple(t.shape), -1) for n, t in handle.items()]
         self._handles[file] = handle
         for name, dtype, shape, offset in infos:
@@ -235,12 +165,3 @@ def _check_finite(info: TensorInfo, tensor: torch.Tensor) -> torch.Tensor:
                 "another checkpoint"
             )
     return tensor
-
-
-def _safetensors_entries(file: Path) -> list[tuple[str, torch.dtype, tuple[int, ...], int]]:
-    with open(file, "rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(length))
-    start = 8 + length
-    return [(name, SAFE_DTYPES[e["dtype"]], tuple(e["shape"]), start + e["data_offsets"][0])
-            for name, e in header.items() if name != "__metadata__"]

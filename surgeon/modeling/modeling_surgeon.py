@@ -422,7 +422,7 @@ register_weight_conversions()  # at import: also when transformers imports this 
 
 
 def register():
-    """Register every surgeon family with the Auto classes (what `import surgeon` does)."""
+    """Register every surgeon family with the Auto classes (what importing surgeon.modeling does)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     for base, (config_cls, model_cls) in CLASSES.items():
