@@ -89,9 +89,12 @@ def _env() -> dict:
     return env
 
 
+CLI_MAIN = "\nimport sys\nfrom surgeon.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+
+
 def surgeon_subprocess(args, cwd, *, prelude="", preexec_fn=None, timeout=240):
     """`surgeon ARGS` in a fresh process (run from `cwd`, never the repository root), after `prelude`."""
-    script = QUIET_PROGRESS + textwrap.dedent(prelude) + "\nimport sys\nfrom surgeon.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    script = QUIET_PROGRESS + textwrap.dedent(prelude) + CLI_MAIN
     return subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=cwd, env=_env(), capture_output=True,
                           text=True, timeout=timeout, preexec_fn=preexec_fn)
 
