@@ -27,7 +27,11 @@ from __future__ import annotations
 import os
 import threading
 
-from surgeon.modeling.modeling_surgeon import gated_norm_reference, rms_norm_reference
+if __name__ == "surgeon.kernels":
+    from surgeon.modeling.modeling_surgeon import gated_norm_reference, rms_norm_reference
+# else: found as a top-level `kernels` (Python run from the repository root), which transformers imports while it
+# probes for the PyPI package of that name, in the middle of importing the modeling file: importing that file back
+# would be circular. Without a __version__, transformers reads this folder as "not installed" and moves on.
 
 try:  # Triton is a dependency, but a broken install should cost the kernels, not the model code.
     from .gated_norm_op import GatedNormFunction, _gated_norm_fwd_kernel, gated_norm_triton
