@@ -22,6 +22,7 @@ console = Console(stderr=True)
 PLAIN_STEP = 0.1  # a plain line per tenth of the work ...
 PLAIN_MIN_GAP_S = 5.0  # ... but not more often than this (a short job prints its last line only, nearly)
 PLAIN_EVERY_S = 30.0  # and one at least this often while work advances
+clock = time.monotonic  # what the plain lines time themselves by (a test sets its own)
 
 
 def _live() -> bool:
@@ -32,9 +33,8 @@ def _live() -> bool:
 class PlainLines:
     """Progress as plain periodic lines: `update(completed, status)` prints when a line is due, `close()` the last."""
 
-    def __init__(self, description: str, total: int | None, *, unit: str = "items", start: int = 0,
-                 clock: Callable[[], float] = time.monotonic):
-        self.description, self.total, self.unit, self.clock = description, total, unit, clock
+    def __init__(self, description: str, total: int | None, *, unit: str = "items", start: int = 0):
+        self.description, self.total, self.unit = description, total, unit
         self.completed, self.status = start, ""
         self.started = self.last_time = clock()
         self.last_fraction = self._fraction()
@@ -45,14 +45,14 @@ class PlainLines:
 
     def update(self, completed: int, status: str = "") -> None:
         self.completed, self.status = completed, status
-        now, fraction = self.clock(), self._fraction()
+        now, fraction = clock(), self._fraction()
         gap = now - self.last_time
         if gap >= PLAIN_EVERY_S or (fraction - self.last_fraction >= PLAIN_STEP - 1e-9 and gap >= PLAIN_MIN_GAP_S):
             self._line(now, fraction)
 
     def close(self) -> None:
         if self.printed != self.completed:
-            self._line(self.clock(), self._fraction())
+            self._line(clock(), self._fraction())
 
     def _line(self, now: float, fraction: float) -> None:
         self.last_time, self.last_fraction, self.printed = now, fraction, self.completed
