@@ -303,12 +303,20 @@ def test_absorb_refused_where_writers_are_not_described(sources, tmp_path, monke
     assert not (tmp_path / "out").exists()
 
 
-def test_absorb_refused_when_a_writer_is_missing(tmp_path):
+def test_absorb_refused_when_a_writer_is_missing(tmp_path, monkeypatch):
+    import surgeon.convert
+
     src = make_tiny(tmp_path / "src", "mixtral")
     renamed = {k.replace(".w2.", ".w9."): v for k, v in tensors(src).items()}  # a layout the data does not know
     save_file(renamed, src / "model.safetensors", metadata={"format": "pt"})
+    # the checkpoint validation refuses it first, naming the tensor config.json expects ...
+    with pytest.raises(SurgeonError, match="has no tensor 'model.layers.0.mlp.experts.down_proj'"):
+        convert(src, tmp_path / "out", [AbsorbSinks(sinks=[1], scale=2)], show_progress=False)
+    # ... and absorb-sinks refuses on its own where the validation lets a layout through
+    monkeypatch.setattr(surgeon.convert, "check_tensors", lambda ckpt: None)
     with pytest.raises(SurgeonError, match="no residual writer 'model.layers.\\*.mlp.experts.down_proj' in layer 0"):
         convert(src, tmp_path / "out", [AbsorbSinks(sinks=[1], scale=2)], show_progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_absorb_cli_errors_are_one_line(sources, tmp_path, capsys):
