@@ -29,9 +29,23 @@ import threading
 
 if __name__ == "surgeon.kernels":
     from surgeon.modeling.modeling_surgeon import gated_norm_reference, rms_norm_reference
-# else: found as a top-level `kernels` (Python run from the repository root), which transformers imports while it
-# probes for the PyPI package of that name, in the middle of importing the modeling file: importing that file back
-# would be circular. Without a __version__, transformers reads this folder as "not installed" and moves on.
+else:
+    # Found as a top-level `kernels` (Python run from the repository root), shadowing the PyPI package of that name,
+    # which transformers depends on and imports. Hand the name over to the installed package: the import that found
+    # this folder returns what sys.modules holds when it ends. Without one, transformers finds no version here and
+    # reads `kernels` as not installed. Either way nothing of surgeon is imported (the modeling file is mid-import).
+    import importlib.machinery
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    _repository = Path(__file__).resolve().parent.parent
+    _spec = importlib.machinery.PathFinder.find_spec(
+        __name__, [p for p in sys.path if Path(p or ".").resolve() != _repository])
+    if _spec is not None and _spec.loader is not None:
+        _installed = importlib.util.module_from_spec(_spec)
+        sys.modules[__name__] = _installed
+        _spec.loader.exec_module(_installed)
 
 try:  # Triton is a dependency, but a broken install should cost the kernels, not the model code.
     from .gated_norm_op import GatedNormFunction, _gated_norm_fwd_kernel, gated_norm_triton

@@ -214,3 +214,26 @@ def test_a_failure_leaves_the_error_as_the_last_line(log_console):
         advance(3)
         raise RuntimeError("boom")
     assert log_console.getvalue() == ""
+
+
+def test_run_from_the_repository_root_the_installed_kernels_package_wins(tiny):
+    """Python run from the checkout puts its `kernels/` folder first on sys.path; transformers depends on the PyPI
+    package of that name and imports it while loading a model. The folder hands the name over to the installed
+    package (or, with none installed, reads as not installed), so a command that loads a model works there."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    probe = subprocess.run([sys.executable, "-c", "import importlib.metadata as m, kernels\n"
+                            "try:\n    print(m.version('kernels'), kernels.__file__)\n"
+                            "except m.PackageNotFoundError:\n    print('none', kernels.__file__)"],
+                           cwd=root, capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    version, where = probe.stdout.split()
+    assert (Path(where).resolve().parent == root / "kernels") == (version == "none"), probe.stdout
+    done = subprocess.run([sys.executable, "-m", "surgeon.cli", "eval", str(tiny), "--help"], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    loaded = subprocess.run([sys.executable, "-c", "import sys\nsys.path.insert(0, '')\n"
+                             "from surgeon.sources import load_model\nload_model(sys.argv[1])\nprint('ok')", str(tiny)],
+                            cwd=root, capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0 and loaded.stdout.strip().endswith("ok"), loaded.stderr[-2000:]
