@@ -34,7 +34,7 @@ from .progress import console, progress_bar
 from .quant import smoothquant_scales
 from .scan import ScanReport, scan
 from .sources import iter_token_windows, load_model, resolve_model, resolve_text
-from .transforms import TRANSFORMS, AbsorbSinks, GatedNorm, Hadamard, PreAffine, Smooth
+from .transforms import TRANSFORMS, AbsorbSinks, GatedAttention, GatedNorm, Hadamard, PreAffine, Smooth
 
 EVAL_FORMATS = ("nvfp4", "int4")
 DEFAULTS_FILE = "pipeline.yaml"  # in surgeon.configs
@@ -63,6 +63,7 @@ class PipelineConfig:
     data: str = DEFAULTS["data"]
     gated_norm: bool = DEFAULTS["gated_norm"]  # GatedNorm after each residual-reading norm
     rank: int = DEFAULTS["rank"]
+    gated_attention: bool = DEFAULTS["gated_attention"]  # a sigmoid gate on every attention output
     smooth_alpha: float | None = DEFAULTS["smooth_alpha"]  # α of the smooth pass (on the training text); None: no pass
     hadamard: bool = DEFAULTS["hadamard"]  # rotate every dense linear's input online (after smooth)
     scan_tokens: int = DEFAULTS["scan_tokens"]
@@ -98,10 +99,13 @@ def split_text(paths: list[Path], eval_files: int) -> tuple[list[Path], list[Pat
 
 def conversion_passes(cfg: PipelineConfig, sinks_scan: Path | None, train_paths: list[Path], *,
                       control: bool = False) -> list:
-    """The main job's passes in order: GatedNorm (with `gated_norm`), PreAffine, absorb-sinks (when the scan found
-    sinks), smooth, hadamard. `control`: the same without the passes that insert or work through the norm modules (each pass's
-    `module_pass`), so the control differs from the main run by the modules alone."""
+    """The main job's passes in order: GatedNorm (with `gated_norm`), gated attention (with `gated_attention`),
+    PreAffine, absorb-sinks (when the scan found sinks), smooth, hadamard. `control`: the same without the passes
+    that insert or work through the paper's modules (each pass's `module_pass`), so the control differs from the
+    main run by the modules alone."""
     passes = [GatedNorm(rank=cfg.rank)] if cfg.gated_norm else []
+    if cfg.gated_attention:
+        passes.append(GatedAttention())
     passes.append(PreAffine())
     if sinks_scan is not None:
         passes.append(AbsorbSinks(scan=sinks_scan))

@@ -10,6 +10,7 @@ whether it inserts (or works through) the paper's norm modules — what a contro
 
 from .absorb_sinks import AbsorbSinks
 from .base import RESIDUAL_READERS, NormTransform, Option, Pass
+from .gated_attention import GatedAttention
 from .gated_norm import DEFAULT_RANK, GatedNorm
 from .glu import GLU
 from .hadamard import Hadamard
@@ -17,7 +18,7 @@ from .pre_affine import PreAffine
 from .smooth import Smooth
 
 # in the main job's order (the CLI's option groups follow it)
-TRANSFORMS = {cls.name: cls for cls in (GatedNorm, PreAffine, AbsorbSinks, Smooth, Hadamard, GLU)}
+TRANSFORMS = {cls.name: cls for cls in (GatedNorm, GatedAttention, PreAffine, AbsorbSinks, Smooth, Hadamard, GLU)}
 
-__all__ = ["DEFAULT_RANK", "GLU", "RESIDUAL_READERS", "Hadamard", "TRANSFORMS", "AbsorbSinks", "GatedNorm", "NormTransform",
-           "Option", "Pass", "PreAffine", "Smooth"]
+__all__ = ["DEFAULT_RANK", "GLU", "RESIDUAL_READERS", "Hadamard", "TRANSFORMS", "AbsorbSinks", "GatedAttention",
+           "GatedNorm", "NormTransform", "Option", "Pass", "PreAffine", "Smooth"]

@@ -45,6 +45,7 @@ from surgeon.modeling import block_hadamard_reference, hadamard_block
 from surgeon.plan import Plan
 
 from .base import Option, Pass
+from .gated_attention import GATE, gate_weights
 
 GROUPS = ("attention_in", "attention_out", "mlp_in", "mlp_out")
 
@@ -60,7 +61,8 @@ class Hadamard(Pass):
     name = "hadamard"
     key = "hadamard"
     changes_linear_inputs = True
-    after = MappingProxyType({"smooth": "smooth's scales are per channel of the unrotated inputs"})
+    after = MappingProxyType({"smooth": "smooth's scales are per channel of the unrotated inputs",
+                              "gated-attention": "the attention gate reads q/k/v's input: it is rotated with them"})
     options = (Option(("--hadamard-groups",), "groups", dict(
         default=",".join(GROUPS), help="the linear inputs rotated online, comma-separated (default: all, "
                                        "%(default)s)")),)
@@ -98,6 +100,8 @@ class Hadamard(Pass):
         record = {}
         for group in self.groups:
             patterns = list(arch.linear_inputs[group])
+            if group == "attention_in" and gate_weights(plan):  # the gate reads what q/k/v read
+                patterns += [f"{p}.{GATE}" for p in plan.surgeon["gated_attention"]["targets"]]
             weights = [f"{module}.weight" for pattern in patterns for module in plan.expand(pattern)]
             widths = set()
             for name in weights:

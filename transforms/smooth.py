@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 
@@ -57,6 +58,7 @@ from surgeon.plan import Plan
 from surgeon.quant import SMOOTH_ALPHA, balance_scales, check_alpha
 
 from .base import CALIBRATION_TEXT, Option, Pass
+from .gated_attention import gate_weights
 
 POINTS = ("pre_attention", "pre_mlp")
 CLI_NEEDS_TEXT = "smooth needs calibration text: --data TEXT (.txt, .jsonl, a folder, or `default`)"
@@ -94,6 +96,8 @@ class Smooth(Pass):
     name = "smooth"
     key = "smooth"
     changes_linear_inputs = True
+    after = MappingProxyType({"gated-attention": "the attention gate reads the pre-attention norm's output: smooth "
+                                                 "scales its columns with q/k/v's"})
     options = (
         CALIBRATION_TEXT,
         Option(("--smooth-alpha",), "alpha", dict(
@@ -134,15 +138,16 @@ class Smooth(Pass):
             raise SurgeonError(f"smooth does not support {arch.model_type}: its architecture data names no "
                                f"{missing[0]} readers (norm_readers / mlp in surgeon/architectures/"
                                f"{arch.model_type}.json); the MoE families' fused experts are not supported")
+        attention_gates = list(gate_weights(plan).values())  # read the pre-attention norm's output with q/k/v
         out = []
         for i in range(arch.num_layers(plan.config)):
             at = lambda pattern: pattern.replace("*", str(i))  # noqa: E731
             for role in POINTS:
                 norm = at(arch.norm_pattern(role))
-                gate = f"{norm}.gate_down.weight"
+                gates = [f"{norm}.gate_down.weight"] + (attention_gates[i:i + 1] if role == "pre_attention" else [])
                 out.append({"point": norm, "divide": [(f"{norm}.weight", -1)],
                             "readers": [f"{at(r)}.weight" for r in readers[role]]
-                            + ([gate] if gate in plan.tensors else []),
+                            + [g for g in gates if g in plan.tensors],
                             "quantized": [at(r) for r in readers[role]]})
             up, down = at(arch.mlp["up"]), at(arch.mlp["down"])
             divide = [(f"{up}.weight", -2)] + ([(f"{up}.bias", -1)] if f"{up}.bias" in plan.tensors else [])

@@ -14,7 +14,9 @@ In every writer tensor the residual dimension is the output axis: axis -2 of a w
 activation (dense MLP, experts, shared expert). `norm_readers` names, per norm role, the linear layers that read
 that norm's output (the smooth pass rescales their input columns). `linear_inputs` groups the dense linear layers
 by the tensor they read (attention_in: q/k/v, attention_out: o, mlp_in: gate/up, mlp_out: down), for the hadamard
-pass; a family whose experts are fused parameters has none.
+pass; a family whose experts are fused parameters has none. `attention` names the attention module (`module`, whose
+input is what q/k/v read), its output projection (`output`) and the config key of its head count (`heads`), for the
+gated-attention pass.
 
 Derived from the patterns: `layers`, the module path of the decoder-layer list (what precedes `.*` in every
 per-layer pattern), and each residual reader's key in scan.json (`reader_key`: its module name inside the layer,
@@ -52,6 +54,7 @@ class Architecture:
     residual_writer_alternatives: dict[str, tuple[str, ...]] = field(default_factory=dict)
     norm_readers: dict[str, tuple[str, ...]] = field(default_factory=dict)
     linear_inputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    attention: dict[str, str] = field(default_factory=dict)
     layers: str = ""
 
     @classmethod
@@ -73,6 +76,7 @@ class Architecture:
             },
             norm_readers={k: tuple(v) for k, v in data.get("norm_readers", {}).items()},
             linear_inputs={k: tuple(v) for k, v in data.get("linear_inputs", {}).items()},
+            attention=dict(data.get("attention", {})),
             layers=_layers_path(data),
         )
 

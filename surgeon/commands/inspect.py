@@ -30,6 +30,11 @@ def describe(path) -> dict:
         norms[role] = {"pattern": pattern, "count": len(names),
                        "carries": [c.removesuffix(".weight").replace("gate_down", "gate") for c in carries]}
     block = config.get("surgeon") or {}
+    gated_attention = None
+    if block.get("gated_attention"):
+        ga = block["gated_attention"]
+        gates = [n for p in ga["targets"] for n in arch.expand(p, config) if f"{n}.output_gate.weight" in ckpt]
+        gated_attention = {"granularity": ga["granularity"], "heads": ga["heads"], "gates": len(gates)}
     dtypes = Counter(e.dtype for e in ckpt.tensors.values())
     return {
         "path": str(ckpt.path), "model_type": config.get("model_type"), "family": base_model_type(config),
@@ -41,6 +46,7 @@ def describe(path) -> dict:
         "absorbed_sinks": [{"dim": e["dim"], "scale": e["scale"]}
                            for e in (block.get("absorb_sinks") or {}).get("sinks", [])],
         "glu_alpha": (block.get("glu") or {}).get("alpha"),
+        "gated_attention": gated_attention,
         "smooth": block.get("smooth"),
         "hadamard": {g: v["block"] for g, v in ((block.get("hadamard") or {}).get("groups") or {}).items()},
         "source_sha256": block.get("source_sha256"),
@@ -74,6 +80,9 @@ def run(args) -> int:
                                   f"({sm['calibration_tokens']:,} calibration tokens)")
     if info["hadamard"]:
         table.add_row("Hadamard-rotated inputs", ", ".join(f"{g} (blocks of {b})" for g, b in info["hadamard"].items()))
+    if info["gated_attention"]:
+        ga = info["gated_attention"]
+        table.add_row("gated attention", f"{ga['gates']} gates, {ga['granularity']} ({ga['heads']} heads)")
     if info["glu_alpha"] is not None:
         table.add_row("GLU α", f"{info['glu_alpha']:g} (0 = SwiGLU, 1 = GLU)")
     Console().print(table)

@@ -1,5 +1,6 @@
 """surgeon pipeline [--model default] [--data default] --out DIR: the main job — scan the source, convert it
-(PreAffine + absorb-sinks + smooth + hadamard, GatedNorm with --gated-norm; verified), scan the result, train it with the tuned recipe, export it,
+(PreAffine + absorb-sinks + smooth + hadamard, GatedNorm with --gated-norm, gated attention with --gated-attention;
+verified), scan the result, train it with the tuned recipe, export it,
 evaluate source, converted and trained side by side (fp32, NVFP4 and INT4 W4A4), write report.md."""
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ def add_arguments(p) -> None:
                    help="insert GatedNorm after every residual-reading norm (default: off; measured against the "
                         "control, see README)")
     p.add_argument("--rank", type=int, default=d.rank, help="GatedNorm rank (%(default)s)")
+    p.add_argument("--gated-attention", action=argparse.BooleanOptionalAction, default=d.gated_attention,
+                   help="gate every attention output (identity-initialized; default: off, see README)")
     p.add_argument("--smooth-alpha", type=float, default=d.smooth_alpha,
                    help="α of the smooth pass (SmoothQuant folded into the weights; %(default)s)")
     p.add_argument("--no-smooth", action="store_true", help="convert without the smooth pass")
@@ -32,8 +35,8 @@ def add_arguments(p) -> None:
     p.add_argument("--train-steps", type=int, help="override the recipe's number of steps")
     p.add_argument("--no-train", action="store_true", help="stop after the training-free conversion")
     p.add_argument("--control", action="store_true",
-                   help="also convert the source with the same passes minus the norm modules (gated-norm, pre-affine, "
-                        "absorb-sinks), train it with the same recipe and budget, export it to model-control/ and "
+                   help="also convert the source with the same passes minus the norm modules (gated-norm, "
+                        "gated-attention, pre-affine, absorb-sinks), train it with the same recipe and budget, export it to model-control/ and "
                         "report it beside the trained model: what the modules bought")
     p.add_argument("--force", action="store_true", help="replace an existing run directory")
 
@@ -42,7 +45,8 @@ def run(args) -> int:
     from ..pipeline import PipelineConfig
     from ..pipeline import run as run_pipeline
 
-    cfg = PipelineConfig(model=args.model, data=args.data, gated_norm=args.gated_norm, rank=args.rank, scan_tokens=args.scan_tokens,
+    cfg = PipelineConfig(model=args.model, data=args.data, gated_norm=args.gated_norm, rank=args.rank,
+                         gated_attention=args.gated_attention, scan_tokens=args.scan_tokens,
                          eval_windows=args.eval_windows, seq_len=args.seq_len, eval_files=args.eval_files,
                          recipe=args.recipe, train_steps=args.train_steps, train=not args.no_train, control=args.control,
                          smooth_alpha=None if args.no_smooth else args.smooth_alpha, hadamard=not args.no_hadamard)

@@ -11,6 +11,8 @@ definition both paths must match.
                  identity at W_up = 0 with λ doubled (σ(0) = ½; a power of two, exact in every float format)
     GLU anneal   act_α(z) = (1 − α)·silu(z) + α·σ(z)           silu at α = 0 (bit for bit), σ at α = 1
     Hadamard     a linear reads x·H and stores W·H (H orthonormal, symmetric, block-diagonal): (x·H)(W·H)ᵀ = x·Wᵀ
+    GatedAttn    o_proj(a ⊙ σ(x·W_gᵀ)), x the attention's input (what q/k/v read), a the attention output;
+                 W_g (heads·head_dim or heads, d) = 0 with o_proj's weight doubled is the identity (σ(0) = ½)
 
 `config.surgeon` says which modules carry what: `{"gated_norm": {"rank": r, "targets": [...]},
 "pre_affine": {"targets": [...]}, "glu": {"alpha": α, "targets": [...]}}`, targets being module names with `*`
@@ -22,6 +24,11 @@ A model whose `hidden_act` already is "sigmoid" (α = 1, exported) runs the stoc
 by a block-diagonal Sylvester Hadamard matrix of block b (a forward pre-hook that runs before any other, so a
 quantizer or a probe hooked on the layer sees what the layer multiplies); the linears of one group read the same
 tensor (q/k/v, gate/up), which is rotated once per layer.
+`{"gated_attention": {"targets": [attention modules], "output": [their o_proj], "granularity": "elementwise" |
+"head", "heads": n}}` gives each targeted attention module an `output_gate` linear (no bias) and two hooks: the
+attention's input goes through the gate, and o_proj's input is multiplied by the gate (per channel, or per head
+broadcast over its head_dim) before anything else o_proj does (a Hadamard rotation of o_proj's input sees the
+gated output).
 
 MoE families: transformers 5 holds the experts fused ((experts, out, in) parameters) and converts per-expert
 checkpoints (`experts.N.down_proj.weight`, Mixtral's `block_sparse_moe.experts.N.w2.weight`) while loading, by a
@@ -141,6 +148,73 @@ class HadamardInput:
         if self._uses >= self.members:  # every member has it: hold no activation between forwards
             self._seen = self._rotated = None
         return (rotated, *args[1:])
+
+
+class AttentionGate:
+    """The hooks of one gated attention module: a pre-hook on the attention computes g = σ(output_gate(x)) from
+    its input, a pre-hook on its o_proj multiplies o_proj's input by g (a head's scalar repeated over head_dim)."""
+
+    def __init__(self):
+        self._g = None
+
+    def attention(self, module, args, kwargs):
+        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        self._g = torch.sigmoid(module.output_gate(x))
+
+    def output(self, module, args):
+        g, self._g = self._g, None  # hold no activation between forwards
+        if g is None:
+            raise RuntimeError("surgeon: an attention gate's o_proj ran without its attention module")
+        a = args[0]
+        if g.shape[-1] != a.shape[-1]:  # one gate per head: repeated over the head's channels
+            g = g.repeat_interleave(a.shape[-1] // g.shape[-1], dim=-1)
+        return (a * g.to(a.dtype), *args[1:])
+
+
+def _gated_attention(model: nn.Module, surgeon: dict):
+    """[(attention module name, module, its o_proj)] for the `surgeon["gated_attention"]` block ([] without)."""
+    block = (surgeon or {}).get("gated_attention")
+    if not block:
+        return []
+    modules = dict(model.named_modules())
+    attention_re, output_re = target_regex(block["targets"]), target_regex(block["output"])
+    layer = lambda name: tuple(p for p in name.split(".") if p.isdigit())  # noqa: E731
+    outputs = {layer(n): m for n, m in modules.items() if output_re.match(n)}
+    found = []
+    for name, module in modules.items():
+        if attention_re.match(name):
+            o_proj = outputs.get(layer(name))
+            if not isinstance(o_proj, nn.Linear):
+                raise ValueError(f"surgeon: the gated attention {name!r} has no o_proj linear matching "
+                                 f"{block['output']}")
+            found.append((name, module, o_proj))
+    if not found:
+        raise ValueError(f"surgeon: no module matches the gated attention targets {block['targets']}")
+    return found
+
+
+def add_attention_gates(model: nn.Module, surgeon: dict) -> list[str]:
+    """An `output_gate` linear (no bias, zero-initialized) in every attention module `surgeon["gated_attention"]`
+    names; returns their names. Added before the rotations (a rotated q/k/v group includes the gate)."""
+    block = (surgeon or {}).get("gated_attention") or {}
+    added = []
+    for name, module, o_proj in _gated_attention(model, surgeon):
+        hidden = int(getattr(model.config, "hidden_size", 0)) or o_proj.out_features
+        width = int(block["heads"]) if block.get("granularity") == "head" else o_proj.in_features
+        module.output_gate = nn.Linear(hidden, width, bias=False, device=o_proj.weight.device,
+                                       dtype=o_proj.weight.dtype)
+        module.output_gate.surgeon_identity_zero = True  # _init_weights: W_g = 0, the identity
+        added.append(f"{name}.output_gate")
+    return added
+
+
+def hook_attention_gates(model: nn.Module, surgeon: dict) -> None:
+    """The AttentionGate hooks of every gated attention module; after the rotations, so that o_proj gates its
+    input before it rotates it."""
+    for _, module, o_proj in _gated_attention(model, surgeon):
+        hook = AttentionGate()
+        module.register_forward_pre_hook(hook.attention, with_kwargs=True)
+        o_proj.register_forward_pre_hook(hook.output, prepend=True)
 
 
 _KERNELS = None
@@ -333,6 +407,7 @@ def needs_surgeon_modules(config: dict) -> bool:
     surgeon = config.get("surgeon") or {}
     glu = surgeon.get("glu")
     return bool(surgeon.get("gated_norm") or surgeon.get("pre_affine") or surgeon.get("hadamard")
+                or surgeon.get("gated_attention")
                 or (glu and config.get(_activation_key(glu)) != GLU_ACTIVATION))
 
 
@@ -354,9 +429,12 @@ class SurgeonMixin:
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        for name in install_norms(self, getattr(config, "surgeon", None)) + install_activations(self, config):
+        surgeon = getattr(config, "surgeon", None)
+        for name in (install_norms(self, surgeon) + install_activations(self, config)
+                     + add_attention_gates(self, surgeon)):
             self._init_weights(self.get_submodule(name))
-        install_rotations(self, getattr(config, "surgeon", None))
+        install_rotations(self, surgeon)
+        hook_attention_gates(self, surgeon)
 
     def initialize_weights(self):
         """transformers initializes the inner base model with the base family's `_init_weights`, which does not
@@ -369,6 +447,8 @@ class SurgeonMixin:
     def _init_weights(self, module):
         if isinstance(module, (SurgeonRMSNorm, AnnealedGLUActivation)):
             module.reset_parameters()
+        elif getattr(module, "surgeon_identity_zero", False):
+            init.zeros_(module.weight)
         else:
             super()._init_weights(module)
 

@@ -2,7 +2,7 @@
 
 Optimizer: torch AdamW (DeepSpeed's own Adam compiles a C++ op first; with `optimizer_coordinates: source`, its steps
 on smoothed weights taken in the source's coordinates, surgeon.train.coordinates), two parameter groups —
-    new         names containing gate_down, gate_up or pre_affine (GatedNorm and PreAffine parameters):
+    new         names containing gate_down, gate_up, pre_affine or output_gate (GatedNorm, PreAffine, gated attention):
                 lr_new, weight_decay_new
     pretrained  everything else: lr, weight_decay; its lr is 0 for the first freeze_base_steps steps
 Schedule (per group, a LambdaLR factor of the group's peak lr):
@@ -29,7 +29,7 @@ import torch
 from ..errors import SurgeonError
 from .recipe import Recipe
 
-NEW_PARAMETER_MARKS = ("gate_down", "gate_up", "pre_affine")
+NEW_PARAMETER_MARKS = ("gate_down", "gate_up", "pre_affine", "output_gate")
 DEFAULT_CONFIG = {"zero_optimization": {"stage": 0}, "steps_per_print": 1 << 30, "wall_clock_breakdown": False}
 
 

@@ -4,7 +4,7 @@
                                           micro-batches per optimizer step (DeepSpeed gradient_accumulation_steps)
     steps                                 optimizer steps of the whole run (the schedule's length)
     lr, lr_new                            peak learning rates of the pretrained parameters and of the new ones
-                                          (names containing gate_down, gate_up, pre_affine)
+                                          (names containing gate_down, gate_up, pre_affine, output_gate)
     weight_decay, weight_decay_new, betas, eps
     warmup_steps, min_lr_ratio            linear warmup to the peak, then cosine down to min_lr_ratio × peak
     freeze_base_steps                     the pretrained group's lr is 0 for the first K steps (its warmup follows)

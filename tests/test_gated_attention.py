@@ -1,0 +1,185 @@
+"""gated-attention (transforms/gated_attention.py): an identity-initialized sigmoid gate on every attention output.
+
+Invariant: logits equal the source's on every family (dense and MoE, tied and untied, both granularities); added
+exactly `<attention>.output_gate.weight` = 0 of shape (H·d_h or H, d) per layer, o_proj's weight doubled, everything
+else bit-identical; round trip and a load with only torch + transformers; stacked with every other pass, also on a
+gate that is no longer the identity (smooth scales its columns, hadamard rotates its input); refused twice and out
+of order; trained in the new-parameter group."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_convert import LOAD_WITHOUT_SURGEON, assert_close_logits, tensors
+from tiny import ALL_FAMILIES, input_ids, logits, make_tiny, write_words
+
+from surgeon.convert import convert
+from surgeon.errors import SurgeonError
+from surgeon.transforms import GLU, AbsorbSinks, GatedAttention, GatedNorm, Hadamard, PreAffine, Smooth
+
+FAMILIES = ALL_FAMILIES + ("smollm3",)
+LAYERS, HEADS, HEAD_DIM, HIDDEN = 2, 4, 12, 48  # tiny.tiny_config
+ATTENTION = [f"model.layers.{i}.self_attn" for i in range(LAYERS)]
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ga-src")
+    return {(f, tied): make_tiny(root / f"{f}-{tied}", f, tied) for f in FAMILIES for tied in (False, True)}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_words(tmp_path_factory.mktemp("text") / "words.txt", 200)
+
+
+def randomize_gates(path, seed=0, scale=1.0):
+    """A gate that training has moved: every output_gate weight random."""
+    (shard,) = path.glob("*.safetensors")
+    state = load_file(shard)
+    g = torch.Generator().manual_seed(seed)
+    for name, t in state.items():
+        if name.endswith("output_gate.weight"):
+            t.copy_(torch.randn(t.shape, generator=g) * scale)
+    save_file(state, shard, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("granularity", ["elementwise", "head"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_function_and_parameters(sources, tmp_path, family, tied, granularity):
+    src, out = sources[(family, tied)], tmp_path / "out"
+    report = convert(src, out, [GatedAttention(granularity=granularity)], verify=True, show_progress=False)
+    assert report.transforms == ["gated-attention"]
+    assert_close_logits(logits(src), logits(out), rel=0)  # ×½ then ×2: exact
+
+    before, after = tensors(src), tensors(out)
+    width = HEADS if granularity == "head" else HEADS * HEAD_DIM
+    added = {f"{a}.output_gate.weight" for a in ATTENTION}
+    assert set(after) - set(before) == added and set(before) <= set(after)
+    for name in added:
+        assert after[name].shape == (width, HIDDEN) and not after[name].any()
+    for name, t in before.items():
+        expected = 2 * t if name.endswith("self_attn.o_proj.weight") else t
+        assert torch.equal(after[name], expected), name
+    assert report.params_after - report.params_before == LAYERS * width * HIDDEN
+    block = json.loads((out / "config.json").read_text())["surgeon"]["gated_attention"]
+    assert block == {"targets": ["model.layers.*.self_attn"], "output": ["model.layers.*.self_attn.o_proj"],
+                     "granularity": granularity, "heads": HEADS}
+
+
+def test_the_gate_is_what_the_formula_says(sources, tmp_path):
+    """A head gate equals the elementwise gate whose rows repeat it over the head's channels; a closed gate
+    (σ → 0) silences the attention: the logits are those of the source with o_proj zeroed."""
+    import surgeon.modeling  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    src = sources[("llama", False)]
+    head, element = tmp_path / "head", tmp_path / "element"
+    convert(src, head, [GatedAttention(granularity="head")], show_progress=False)
+    convert(src, element, [GatedAttention()], show_progress=False)
+    randomize_gates(head)
+    h_state, e_state = load_file(next(head.glob("*.safetensors"))), load_file(next(element.glob("*.safetensors")))
+    for name in e_state:
+        if name.endswith("output_gate.weight"):
+            e_state[name] = h_state[name].repeat_interleave(HEAD_DIM, dim=0)
+    save_file(e_state, next(element.glob("*.safetensors")), metadata={"format": "pt"})
+    assert_close_logits(logits(head), logits(element), rel=1e-6)
+    assert not torch.allclose(logits(head), logits(src), atol=1e-4)  # the moved gate changes the function
+
+    closed = AutoModelForCausalLM.from_pretrained(element).eval()
+    silent = AutoModelForCausalLM.from_pretrained(src).eval()
+    with torch.no_grad():
+        for a in ATTENTION:  # σ(−10⁴) = 0: o_proj reads zeros, as if its weight were zero
+            silent.get_submodule(a).o_proj.weight.zero_()
+            closed.get_submodule(a).output_gate.register_forward_hook(lambda m, i, o: torch.full_like(o, -1e4))
+        ids = input_ids()
+        assert_close_logits(silent(input_ids=ids).logits, closed(input_ids=ids).logits, rel=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
+def test_round_trip_and_load_without_surgeon(sources, tmp_path, family):
+    import surgeon.modeling  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    src, out = sources[(family, False)], tmp_path / "out"
+    convert(src, out, [GatedAttention()], show_progress=False)
+    randomize_gates(out, scale=0.1)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    model.save_pretrained(tmp_path / "again")
+    a, b = model.state_dict(), AutoModelForCausalLM.from_pretrained(tmp_path / "again").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    ids = input_ids()
+    result = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_SURGEON.format(ids=ids.tolist()), str(out),
+                             str(tmp_path / "logits.pt")], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                            env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "transformers_modules" in result.stdout
+    assert_close_logits(logits(out, ids), torch.load(tmp_path / "logits.pt", weights_only=True))
+
+
+def test_stacked_with_every_pass(sources, corpus, tmp_path):
+    src, out = sources[("llama", False)], tmp_path / "out"
+    passes = [GatedNorm(rank=4), GatedAttention(), PreAffine(), AbsorbSinks(sinks=[3], scale=4),
+              Smooth(data=corpus, tokens=512, seq_len=32), Hadamard(), GLU()]
+    report = convert(src, out, passes, verify=True, show_progress=False)
+    assert report.transforms == [p.name for p in passes]
+    assert_close_logits(logits(src), logits(out))
+    groups = json.loads((out / "config.json").read_text())["surgeon"]["hadamard"]["groups"]
+    assert "model.layers.*.self_attn.output_gate" in groups["attention_in"]["linears"]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_a_moved_gate_survives_smooth_and_hadamard(sources, corpus, tmp_path, family):
+    """Once training has moved W_g, smooth must scale its columns with q/k/v's and hadamard rotate its input."""
+    gated = tmp_path / "gated"
+    convert(sources[(family, False)], gated, [GatedAttention()], show_progress=False)
+    randomize_gates(gated)
+    out = tmp_path / "out"
+    convert(gated, out, [Smooth(data=corpus, tokens=512, seq_len=32), Hadamard()], verify=True, show_progress=False)
+    assert_close_logits(logits(gated), logits(out))
+    before, after = tensors(gated), tensors(out)
+    name = "model.layers.0.self_attn.output_gate.weight"
+    assert not torch.allclose(before[name], after[name])  # scaled and rotated, not left behind
+
+
+def test_refusals(sources, tmp_path):
+    src = sources[("qwen2", True)]
+    gated = tmp_path / "gated"
+    convert(src, gated, [GatedAttention()], show_progress=False)
+    with pytest.raises(SurgeonError, match="already has gated attention"):
+        convert(gated, tmp_path / "twice", [GatedAttention()], show_progress=False)
+    with pytest.raises(SurgeonError, match="gated-attention.*before hadamard|hadamard.*gated-attention"):
+        convert(src, tmp_path / "order", [Hadamard(), GatedAttention()], show_progress=False)
+    with pytest.raises(SurgeonError, match="unknown gated-attention granularity 'token'"):
+        GatedAttention(granularity="token")
+    assert not (tmp_path / "twice").exists() and not (tmp_path / "order").exists()
+
+
+def test_cli_and_inspect(sources, tmp_path, capsys):
+    from surgeon.cli import main
+
+    out = tmp_path / "out"
+    assert main(["convert", str(sources[("mistral", False)]), str(out), "-t", "gated-attention",
+                 "--ga-granularity", "head", "--verify"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["gated_attention"] == {"granularity": "head", "heads": HEADS, "gates": LAYERS}
+    assert "gated-attention" in report["transforms"]
+
+
+def test_trained_as_a_new_parameter(sources, tmp_path):
+    from surgeon.train.engine import NEW_PARAMETER_MARKS
+
+    out = tmp_path / "out"
+    convert(sources[("llama", False)], out, [GatedAttention()], show_progress=False)
+    names = [n for n in tensors(out) if any(mark in n for mark in NEW_PARAMETER_MARKS)]
+    assert sorted(names) == sorted(f"{a}.output_gate.weight" for a in ATTENTION)
