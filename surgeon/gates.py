@@ -22,6 +22,8 @@ Over the T tokens t and d channels c a norm has seen, with standard deviations t
         ...forward passes...
     gates.results()   # {"norms": {module path: {the keys above}}, "mean": {key: mean over the norms, for STATS}}
                       # or None when the model has no GatedNorm or no token went through one
+    gates.attention_results()   # the same for the gated attention's gates g = σ(x·W_gᵀ) ("gates" for "norms";
+                                # corr_abs_y None: the gated value is the attention output, not recomputed here)
 
 "mean" averages corr_abs_y over the norms where it is defined (None when it is nowhere). Everything is plain
 JSON (no NaN). DeepSpeed engines are unwrapped (`.module`), so the names are the model's own; a call whose
@@ -55,6 +57,12 @@ def gated_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in _unwrap(model).named_modules() if is_gated_norm(m)]
 
 
+def attention_gates(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """Every gated attention's `output_gate` linear (g = σ of its output), by module path."""
+    return [(f"{name}.output_gate", m.output_gate) for name, m in _unwrap(model).named_modules()
+            if isinstance(getattr(m, "output_gate", None), nn.Linear)]
+
+
 class _Sums:
     """One norm's running float64 sums (g over channels kept per channel for spread_tokens)."""
 
@@ -76,19 +84,32 @@ class _Sums:
                                    None if pre is None else pre.float())
             g = torch.sigmoid(F.linear(F.silu(F.linear(y, module.gate_down.weight.float())),
                                        module.gate_up.weight.float()))
-            # float64 from here: spread_tokens and the correlation subtract large sums
-            g = g.reshape(-1, d).double()
-            a = y.reshape(-1, d).abs().double()
-            self.tokens += g.shape[0]
-            self.abs_dev += float((g - 0.5).abs().sum())
-            self.channel_std += float(g.std(-1, correction=0).sum())
-            self.g += g.sum(0).cpu()
-            self.g2 += (g * g).sum(0).cpu()
+            self.accumulate(g, y.abs())
+
+    @torch.no_grad()
+    def add_logits(self, logits: torch.Tensor) -> None:
+        """An attention gate's σ input (its linear's output); no |y| to correlate with."""
+        if logits.shape[-1] != self.g.numel():  # ZeRO-3: not gathered here
+            return
+        with single_thread(logits):
+            self.accumulate(torch.sigmoid(logits.detach().float()), None)
+
+    def accumulate(self, g: torch.Tensor, a: torch.Tensor | None) -> None:
+        d = self.g.numel()
+        # float64 from here: spread_tokens and the correlation subtract large sums
+        g = g.reshape(-1, d).double()
+        self.tokens += g.shape[0]
+        self.abs_dev += float((g - 0.5).abs().sum())
+        self.channel_std += float(g.std(-1, correction=0).sum()) if d > 1 else 0.0
+        self.g += g.sum(0).cpu()
+        self.g2 += (g * g).sum(0).cpu()
+        if a is not None:
+            a = a.reshape(-1, d).double()
             self.a += float(a.sum())
             self.a2 += float((a * a).sum())
             self.ga += float((g * a).sum())
-            self.g_min = min(self.g_min, float(g.min()))
-            self.g_max = max(self.g_max, float(g.max()))
+        self.g_min = min(self.g_min, float(g.min()))
+        self.g_max = max(self.g_max, float(g.max()))
 
     def stats(self) -> dict:
         t, n = self.tokens, self.tokens * self.g.numel()
@@ -106,15 +127,20 @@ class _Sums:
 
 
 class GateRecorder:
-    """Hooks every GatedNorm of `model` until `remove()`; `results()` at any time (see the module docstring)."""
+    """Hooks every GatedNorm and attention gate of `model` until `remove()`; `results()` and
+    `attention_results()` at any time (see the module docstring)."""
 
     def __init__(self, model: nn.Module):
         self.sums: dict[str, _Sums] = {}
+        self.attention: dict[str, _Sums] = {}
         self.handles = []
         for name, module in gated_norms(model):
             sums = self.sums[name] = _Sums(module.gate_up.out_features)  # not weight's shape: ZeRO-3 partitions it
             self.handles.append(module.register_forward_hook(
                 lambda m, args, out, s=sums: s.add(m, args[0]) if args else None))
+        for name, gate in attention_gates(model):
+            sums = self.attention[name] = _Sums(gate.out_features)
+            self.handles.append(gate.register_forward_hook(lambda m, args, out, s=sums: s.add_logits(out)))
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -122,14 +148,24 @@ class GateRecorder:
         self.handles = []
 
     def results(self) -> dict | None:
-        norms = {name: s.stats() for name, s in self.sums.items() if s.tokens}
-        if not norms:
-            return None
-        mean = {}
-        for key in STATS:
-            values = [row[key] for row in norms.values() if row[key] is not None]
-            mean[key] = sum(values) / len(values) if values else None
-        return {"norms": norms, "mean": mean}
+        norms = _summary(self.sums)
+        return None if norms is None else {"norms": norms[0], "mean": norms[1]}
+
+    def attention_results(self) -> dict | None:
+        """{"gates": {attention gate path: the keys above, corr_abs_y None}, "mean": ...}, or None without any."""
+        gates = _summary(self.attention)
+        return None if gates is None else {"gates": gates[0], "mean": gates[1]}
+
+
+def _summary(sums: dict[str, _Sums]) -> tuple[dict, dict] | None:
+    rows = {name: s.stats() for name, s in sums.items() if s.tokens}
+    if not rows:
+        return None
+    mean = {}
+    for key in STATS:
+        values = [row[key] for row in rows.values() if row[key] is not None]
+        mean[key] = sum(values) / len(values) if values else None
+    return rows, mean
 
 
 @contextlib.contextmanager

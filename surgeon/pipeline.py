@@ -324,9 +324,12 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
         ("sink dimensions (mean \\|h\\| ÷ median)",
          lambda r: ", ".join(f"{s.dim} ({s.ratio_to_median:.0f}×)" for s in r.sinks[:4]) or "none"),
         ("attention on first token (mean over layers)", lambda r: f"{_attention(r):.2f}"),
+        ("first-token massive activation (largest mean \\|h\\| at position 0)", _first_token_peak),
     ]
     if any(r.gates for r in scans):
         rows.append(("GatedNorm gates: mean \\|g − ½\\|, corr(g, \\|y\\|) (mean over norms)", _gate_figures))
+    if any(r.attention_gates for r in scans):
+        rows.append(("attention gates: mean \\|g − ½\\|, g min … max (means over layers)", _attention_gate_figures))
     for label, get in rows:
         lines.append(f"| {label} | " + " | ".join(get(r) for r in scans) + " |")
     if result.training and result.training.get("heldout_last"):
@@ -401,6 +404,16 @@ def _control_section(result: PipelineResult, columns: list[str]) -> list[str]:
     lines.append("| trained ÷ control | " + " | ".join(f"{trained[f] / control[f]:.3f}" for f in ("none", *columns))
                  + f" | {peaks['trained'] / peaks['control']:.3f} |")
     return lines
+
+
+def _first_token_peak(report: ScanReport) -> str:
+    rows = report.first_token_mean_abs[1:]  # the decoder layers' outputs (point 0 is the embedding)
+    return _fmt(max(max(row) for row in rows)) if rows else "–"
+
+
+def _attention_gate_figures(report: ScanReport) -> str:
+    mean = (report.attention_gates or {}).get("mean")
+    return f"{mean['mean_abs_dev']:.4f}, {mean['g_min']:.2f} … {mean['g_max']:.2f}" if mean else "–"
 
 
 def _gate_figures(report: ScanReport) -> str:

@@ -24,7 +24,8 @@ layer, keyed by the norm's module name inside the layer, and the final norm as "
 converted models), and `scale_pow2`, the largest power of two ≤ ratio_to_median, a suggested s_k.
 
 Model-wide `gates` (converted models with GatedNorms): per norm, how far its gate g has moved from ½, its spread
-over channels and over tokens, and its correlation with |y| (surgeon.gates, measured in the same pass).
+over channels and over tokens, and its correlation with |y| (surgeon.gates, measured in the same pass);
+`attention_gates` the same for gated attention's output gates.
 
 The report and scan.json's schema: surgeon/scan_report.py; the hooks: surgeon/scan_recorder.py.
 """
@@ -110,6 +111,7 @@ def scan(model: nn.Module, tokenizer, windows: Iterable[torch.Tensor], *, model_
     return _build_report(model, tokenizer, recorder, model_name=model_name, model_path=model_path,
                          windows=n_windows, tokens=n_tokens, seq_len=seq_len, bos=has_bos,
                          sinks_recorded=sinks_on, gates=gates.results(),
+                         attention_gates=gates.attention_results(),
                          thresholds={"massive_abs": massive_abs, "massive_ratio": massive_ratio,
                                      "sink_ratio": sink_ratio, "max_sinks": max_sinks, "top_k": top_k})
 
@@ -138,7 +140,7 @@ def _progress(enabled: bool, total: int | None):
 
 
 def _build_report(model, tokenizer, rec: Recorder, *, model_name, model_path, windows, tokens, seq_len, bos,
-                  sinks_recorded, thresholds, gates=None) -> ScanReport:
+                  sinks_recorded, thresholds, gates=None, attention_gates=None) -> ScanReport:
     P, d = rec.n_points, rec.d
     top_k, sink_ratio, max_sinks = thresholds["top_k"], thresholds["sink_ratio"], thresholds["max_sinks"]
     rest = rec.sum_abs / rec.count_rest if rec.count_rest else rec.sum_abs_first / max(rec.count_first, 1)
@@ -211,7 +213,7 @@ def _build_report(model, tokenizer, rec: Recorder, *, model_name, model_path, wi
         layers=layers, sinks=sinks, massive=massive,
         residual_mean_abs=[[_r(float(x), 4) for x in row] for row in rest],
         first_token_mean_abs=[[_r(float(x), 4) for x in row] for row in first],
-        token_sample=token_sample, gates=gates)
+        token_sample=token_sample, gates=gates, attention_gates=attention_gates)
 
 
 def _norm_vectors(module: nn.Module | None) -> dict[str, torch.Tensor]:
@@ -336,20 +338,22 @@ def print_report(report: ScanReport, console=None, max_rows: int = 40) -> None:
     console.print(f"peak |h| = {report.peak['value']:,.1f} at layer {report.peak['layer']} dim {report.peak['dim']}, "
                   f"token {report.peak['token']!r} (position {report.peak['position']})")
     if report.gates:
-        _print_gates(report.gates, console, Table, box)
+        _print_gates(report.gates["norms"], report.gates["mean"], console, Table, box,
+                     "gates: g = σ(W_up silu(W_down y)) after each GatedNorm, ½ at identity init", "norm")
+    if report.attention_gates:
+        _print_gates(report.attention_gates["gates"], report.attention_gates["mean"], console, Table, box,
+                     "attention gates: g = σ(x·W_gᵀ) on each attention output, ½ at identity init", "attention gate")
 
 
-def _print_gates(gates: dict, console, Table, box, max_rows: int = 12) -> None:
-    """Per-norm gate statistics; with more than `max_rows` norms, the ones whose gates moved most."""
-    norms = gates["norms"]
+def _print_gates(norms: dict, mean: dict, console, Table, box, title: str, what: str, max_rows: int = 12) -> None:
+    """Per-gate statistics; with more than `max_rows` gates, the ones that moved most."""
     names = list(norms)
-    title = "gates: g = σ(W_up silu(W_down y)) after each GatedNorm, ½ at identity init"
     if len(names) > max_rows:
         names = sorted(names, key=lambda n: -norms[n]["mean_abs_dev"])[:max_rows]
-        title += f" — the {max_rows} of {len(norms)} norms that moved most"
+        title += f" — the {max_rows} of {len(norms)} that moved most"
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    for column in ("norm", "mean|g−½|", "spread ch", "spread tok", "corr(g,|y|)", "g min", "g max"):
-        table.add_column(column, justify="left" if column == "norm" else "right", no_wrap=True)
+    for column in (what, "mean|g−½|", "spread ch", "spread tok", "corr(g,|y|)", "g min", "g max"):
+        table.add_column(column, justify="left" if column == what else "right", no_wrap=True)
 
     def cells(row):
         corr = row["corr_abs_y"]
@@ -358,5 +362,5 @@ def _print_gates(gates: dict, console, Table, box, max_rows: int = 12) -> None:
 
     for name in names:
         table.add_row(name.removeprefix("model."), *cells(norms[name]))
-    table.add_row(f"mean of {len(norms)}", *cells(gates["mean"]), style="bold")
+    table.add_row(f"mean of {len(norms)}", *cells(mean), style="bold")
     console.print(table)

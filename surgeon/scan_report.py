@@ -25,6 +25,7 @@ scan.json (schema_version 1), all floats plain JSON numbers:
                                        "g_min", "g_max", "tokens"}}, "mean": {...}} | null}
                                                                 # surgeon.gates; null without GatedNorms (and
                                                                 # absent from scan.json written before it)
+     "attention_gates": {"gates": {gate path: the same keys}, "mean": {...}} | null}   # gated attention's
 
 `layer` is the decoder layer index (−1 for the embedding) and `point` the residual-stream point (layer + 1).
 """
@@ -114,6 +115,7 @@ class ScanReport:
     token_sample: dict = field(repr=False)
     schema_version: int = SCHEMA_VERSION
     gates: dict | None = field(default=None, repr=False)  # optional: older scan.json files load with None
+    attention_gates: dict | None = field(default=None, repr=False)  # {"gates", "mean"}: gated attention's
 
     def to_dict(self) -> dict:
         return asdict(self)

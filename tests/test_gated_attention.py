@@ -183,3 +183,39 @@ def test_trained_as_a_new_parameter(sources, tmp_path):
     convert(sources[("llama", False)], out, [GatedAttention()], show_progress=False)
     names = [n for n in tensors(out) if any(mark in n for mark in NEW_PARAMETER_MARKS)]
     assert sorted(names) == sorted(f"{a}.output_gate.weight" for a in ATTENTION)
+
+
+def test_gate_telemetry_on_a_planted_gate(sources, tmp_path):
+    """surgeon.gates on planted W_g: the statistics a direct float64 computation of σ(x·W_gᵀ) gives."""
+    import surgeon.modeling  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    from surgeon.gates import record_gates
+
+    out = tmp_path / "out"
+    convert(sources[("llama", False)], out, [GatedAttention()], show_progress=False)
+    randomize_gates(out, scale=0.5)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    inputs = {}
+    for a in ATTENTION:
+        model.get_submodule(a).register_forward_pre_hook(
+            lambda m, args, kwargs, a=a: inputs.setdefault(a, []).append(kwargs["hidden_states"].double()),
+            with_kwargs=True)
+    with torch.no_grad(), record_gates(model) as gates:
+        for seed in (1, 2):
+            model(input_ids=input_ids(seed=seed))
+    assert gates.results() is None  # no GatedNorm
+    got = gates.attention_results()
+    assert set(got["gates"]) == {f"{a}.output_gate" for a in ATTENTION}
+    for a in ATTENTION:
+        x = torch.cat([t.reshape(-1, HIDDEN) for t in inputs[a]])
+        g = torch.sigmoid(x @ model.get_submodule(a).output_gate.weight.double().T)
+        row = got["gates"][f"{a}.output_gate"]
+        assert row["tokens"] == x.shape[0]
+        assert row["mean_abs_dev"] == pytest.approx(float((g - 0.5).abs().mean()), rel=1e-5)
+        assert row["spread_tokens"] == pytest.approx(float(g.std(0, correction=0).mean()), rel=1e-5)
+        assert row["spread_channels"] == pytest.approx(float(g.std(1, correction=0).mean()), rel=1e-5)
+        assert (row["g_min"], row["g_max"]) == (pytest.approx(float(g.min()), rel=1e-5),
+                                                 pytest.approx(float(g.max()), rel=1e-5))
+        assert row["corr_abs_y"] is None
+    assert got["mean"]["mean_abs_dev"] > 0.05

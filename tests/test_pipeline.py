@@ -111,20 +111,24 @@ def test_control_shares_every_pass_and_the_recipe_but_the_module_passes(tmp_path
         (tmp_path / "text").mkdir(exist_ok=True)
         (tmp_path / "text" / f"{i}.txt").write_text(TEXT)
     (tmp_path / "recipe.yaml").write_text(RECIPE)
-    cfg = PipelineConfig(model=str(src), data=str(tmp_path / "text"), gated_norm=True, rank=4, scan_tokens=256, seq_len=32,
-                         eval_windows=2, eval_skip_tokens=32, batch_size=2, eval_files=1,
+    cfg = PipelineConfig(model=str(src), data=str(tmp_path / "text"), gated_norm=True, rank=4, gated_attention=True,
+                         scan_tokens=256, seq_len=32, eval_windows=2, eval_skip_tokens=32, batch_size=2, eval_files=1,
                          recipe=str(tmp_path / "recipe.yaml"), control=True)
     result = run(cfg, tmp_path / "run")
     out = tmp_path / "run"
     main_block = json.loads((out / "model-converted" / "config.json").read_text())["surgeon"]
     control_block = json.loads((out / "model-control-converted" / "config.json").read_text())["surgeon"]
-    assert main_block["transforms"] == ["gated-norm", "pre-affine", "absorb-sinks", "smooth", "hadamard"]
+    assert main_block["transforms"] == ["gated-norm", "gated-attention", "pre-affine", "absorb-sinks", "smooth",
+                                        "hadamard"]
     assert control_block["transforms"] == [t for t in main_block["transforms"] if not TRANSFORMS[t].module_pass] \
         == ["smooth", "hadamard"]
-    for key in ("smooth", "hadamard"):  # the shared passes with the same settings
+    gate = "model.layers.*.self_attn.output_gate"  # the attention gate, rotated with q/k/v where it exists
+    main_rotated = json.loads(json.dumps(main_block["hadamard"]).replace(f', "{gate}"', ""))
+    assert gate in main_block["hadamard"]["groups"]["attention_in"]["linears"] and gate not in str(main_rotated)
+    for key, main_settings in (("smooth", main_block["smooth"]), ("hadamard", main_rotated)):  # the shared passes
         assert {k: v for k, v in control_block[key].items() if k not in ("log2_scale_range", "calibration_tokens")} \
-            == {k: v for k, v in main_block[key].items() if k not in ("log2_scale_range", "calibration_tokens")}
-    assert not {"gated_norm", "pre_affine", "absorb_sinks"} & set(control_block)
+            == {k: v for k, v in main_settings.items() if k not in ("log2_scale_range", "calibration_tokens")}
+    assert not {"gated_norm", "gated_attention", "pre_affine", "absorb_sinks"} & set(control_block)
     runs = [json.loads((out / d / "run.json").read_text()) for d in ("train", "train-control")]
     assert runs[0]["recipe"] == runs[1]["recipe"] and runs[0]["objectives"] == runs[1]["objectives"]
     assert runs[0]["data"] == runs[1]["data"] == [str(tmp_path / "text" / f"{i}.txt") for i in (1, 2)]
@@ -141,6 +145,10 @@ def test_control_shares_every_pass_and_the_recipe_but_the_module_passes(tmp_path
     gates = next(line for line in report.splitlines() if line.startswith("| GatedNorm gates"))
     assert gates.split(" | ")[1:3] == ["–", "0.0000, –"] and gates.endswith("| – |")  # source, converted (½), control
     assert result.scans["trained"].gates["mean"]["mean_abs_dev"] > 0  # trained gates moved off ½
+    attention = next(line for line in report.splitlines() if line.startswith("| attention gates"))
+    assert attention.split(" | ")[1:3] == ["–", "0.0000, 0.50 … 0.50"] and attention.endswith("| – |")
+    assert result.scans["trained"].attention_gates["mean"]["mean_abs_dev"] > 0
+    assert "| first-token massive activation" in report
     assert "converted with smooth + hadamard" in report and "![control training loss](train-control/loss.png)" in report
     assert (out / "scan-control" / "scan.json").is_file()
     results = json.loads((out / "results.json").read_text())
@@ -191,6 +199,8 @@ def test_smooth_and_hadamard_flags_reach_the_config(monkeypatch, tmp_path):
     assert main([*base, "--no-hadamard"]) == 0 and [cfg.hadamard for cfg in seen] == [True] * 3 + [False]
     assert main([*base, "--gated-norm", "--rank", "8"]) == 0 and (seen[-1].gated_norm, seen[-1].rank) == (True, 8)
     assert [cfg.gated_norm for cfg in seen[:-1]] == [PipelineConfig().gated_norm] * 4
+    assert main([*base, "--gated-attention"]) == 0 and seen[-1].gated_attention
+    assert not any(cfg.gated_attention for cfg in seen[:-1])
 
 
 def test_the_default_passes(tmp_path):
@@ -199,9 +209,10 @@ def test_the_default_passes(tmp_path):
     from surgeon.pipeline import conversion_passes
 
     for gated in (False, True):
-        cfg = PipelineConfig(gated_norm=gated)
+        cfg = PipelineConfig(gated_norm=gated, gated_attention=gated)
         names = [p.name for p in conversion_passes(cfg, tmp_path / "scan.json", [tmp_path / "t.txt"])]
-        assert names == ["gated-norm"] * gated + ["pre-affine", "absorb-sinks", "smooth", "hadamard"]
+        assert names == ["gated-norm", "gated-attention"] * gated + ["pre-affine", "absorb-sinks", "smooth",
+                                                                      "hadamard"]
         assert [p.name for p in conversion_passes(cfg, None, [tmp_path / "t.txt"], control=True)] == ["smooth",
                                                                                                  "hadamard"]
 
@@ -217,6 +228,7 @@ def test_the_defaults_are_the_shipped_yaml():
     shipped = yaml.safe_load((files("surgeon.configs") / "pipeline.yaml").read_text())
     assert {f.name: f.default for f in dataclasses.fields(PipelineConfig)} == shipped
     assert (shipped["smooth_alpha"], shipped["hadamard"], shipped["gated_norm"]) == (0.8, True, False)
+    assert shipped["gated_attention"] is False
     assert shipped["scan_tokens"] == 4096 and shipped["recipe"] == "smollm2-cpu"
 
 

@@ -20,6 +20,8 @@ JSON-serializable dict (dimension keys are strings, so a JSON round trip returns
     gates                        only for a model with GatedNorms: surgeon.gates' statistics of every gate
                                  ({"norms": {module path: {mean_abs_dev, spread_channels, spread_tokens,
                                  corr_abs_y, g_min, g_max, tokens}}, "mean": {...}}), in the same pass
+    attention_gates              only for a model with gated attention: the same of its output gates
+                                 ({"gates": {gate path: {...}}, "mean": {...}}; corr_abs_y None)
 
 Memory is O(layers × d): running sums only. The model's train/eval mode is restored afterwards.
 """
@@ -144,7 +146,9 @@ def measure(model: nn.Module, heldout_batches: Iterable, sink_dims: Sequence[int
         "linear_input_max_rms_worst": per_layer[worst] if per_layer else float("nan"),
         "linear_input_max_rms_worst_layer": linears[worst][0] if per_layer else None,
     }
-    gate_stats = gates.results()
+    gate_stats, attention_stats = gates.results(), gates.attention_results()
     if gate_stats is not None:
         metrics["gates"] = gate_stats
+    if attention_stats is not None:
+        metrics["attention_gates"] = attention_stats
     return metrics
