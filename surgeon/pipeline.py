@@ -329,7 +329,8 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
     if any(r.gates for r in scans):
         rows.append(("GatedNorm gates: mean \\|g − ½\\|, corr(g, \\|y\\|) (mean over norms)", _gate_figures))
     if any(r.attention_gates for r in scans):
-        rows.append(("attention gates: mean \\|g − ½\\|, g min … max (means over layers)", _attention_gate_figures))
+        rows.append(("attention gates: mean \\|g − ½\\|, g min … max (means over layers)",
+                     _attention_gate_figures))
     for label, get in rows:
         lines.append(f"| {label} | " + " | ".join(get(r) for r in scans) + " |")
     if result.training and result.training.get("heldout_last"):

@@ -154,7 +154,7 @@ def _build_report(model, tokenizer, rec: Recorder, *, model_name, model_path, wi
         order = torch.argsort(rest[p], descending=True)[:top_k].tolist()
         sink, sink_head = None, None
         if p > 0 and sinks_recorded and rec.sink_count[p - 1]:
-            sink = _r(float(rec.sink_sum[p - 1]) / (rec.sink_count[p - 1] * len(rec.sink_head_sum[p - 1])))
+            sink = _r(rec.attention_sink(p - 1))
             sink_head = _r(float(rec.sink_head_sum[p - 1].max()) / rec.sink_count[p - 1])
         all_abs = (rec.sum_abs[p].sum() + rec.sum_abs_first[p].sum()) / (per_token * d)
         layers.append(LayerStats(
@@ -342,7 +342,8 @@ def print_report(report: ScanReport, console=None, max_rows: int = 40) -> None:
                      "gates: g = σ(W_up silu(W_down y)) after each GatedNorm, ½ at identity init", "norm")
     if report.attention_gates:
         _print_gates(report.attention_gates["gates"], report.attention_gates["mean"], console, Table, box,
-                     "attention gates: g = σ(x·W_gᵀ) on each attention output, ½ at identity init", "attention gate")
+                     "attention gates: g = σ(x·W_gᵀ) on each attention output, ½ at identity init",
+                     "attention gate")
 
 
 def _print_gates(norms: dict, mean: dict, console, Table, box, title: str, what: str, max_rows: int = 12) -> None:

@@ -208,6 +208,12 @@ class Recorder:
             self._add_sink(layer, mass0.sum((0, 2), dtype=torch.float64), b * (lq - 1))
         return output.transpose(1, 2).contiguous(), None
 
+    def attention_sink(self, layer: int) -> float | None:
+        """Layer `layer`'s attention mass on key 0, the mean over heads and query positions 1.. (None: not seen)."""
+        if not self.sink_count[layer]:
+            return None
+        return float(self.sink_sum[layer]) / (self.sink_count[layer] * len(self.sink_head_sum[layer]))
+
     def _add_sink(self, layer: int, head_sum: torch.Tensor, count: int) -> None:
         self.sink_sum[layer] += head_sum.sum()
         if self.sink_head_sum[layer] is None:

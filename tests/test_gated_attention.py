@@ -219,3 +219,28 @@ def test_gate_telemetry_on_a_planted_gate(sources, tmp_path):
                                                  pytest.approx(float(g.max()), rel=1e-5))
         assert row["corr_abs_y"] is None
     assert got["mean"]["mean_abs_dev"] > 0.05
+
+
+def test_heldout_measurement_tracks_the_first_token_attention_and_the_gates(sources, tmp_path):
+    """surgeon.train.measure: per layer, the attention mass on key 0 (as eager attention's probabilities give it),
+    and the attention gates' statistics."""
+    import surgeon.modeling  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    from surgeon.train.measure import measure
+
+    out = tmp_path / "out"
+    convert(sources[("qwen2", False)], out, [GatedAttention()], show_progress=False)
+    randomize_gates(out, scale=0.3)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    batches = [input_ids(seed=s) for s in (1, 2)]
+    metrics = measure(model, batches)
+    eager = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    with torch.no_grad():
+        probs = [eager(input_ids=b, output_attentions=True).attentions for b in batches]
+    expected = [float(torch.cat([p[i][:, :, 1:, 0].reshape(-1) for p in probs]).double().mean())
+                for i in range(LAYERS)]
+    assert metrics["first_token_attention"] == pytest.approx(expected, rel=1e-4)
+    assert metrics["first_token_attention_mean"] == pytest.approx(sum(expected) / LAYERS, rel=1e-4)
+    assert set(metrics["attention_gates"]["gates"]) == {f"{a}.output_gate" for a in ATTENTION}
+    assert model.config._attn_implementation == "sdpa"  # restored

@@ -36,7 +36,8 @@ def add_arguments(p) -> None:
     p.add_argument("--no-train", action="store_true", help="stop after the training-free conversion")
     p.add_argument("--control", action="store_true",
                    help="also convert the source with the same passes minus the norm modules (gated-norm, "
-                        "gated-attention, pre-affine, absorb-sinks), train it with the same recipe and budget, export it to model-control/ and "
+                        "gated-attention, pre-affine, absorb-sinks), train it with the same recipe and budget, "
+                        "export it to model-control/ and "
                         "report it beside the trained model: what the modules bought")
     p.add_argument("--force", action="store_true", help="replace an existing run directory")
 

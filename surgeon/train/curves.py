@@ -6,6 +6,8 @@
   residual.png    max |h| per residual point (embedding, then each layer) at the first and the last measurement
   gates.png       (models with GatedNorms) per measurement, the mean over the norms of mean |g − ½| and g's spread
                   over channels and over tokens, and of corr(g, |y|) (surgeon.gates)
+  attention.png   per measurement, the attention mass on the first token (mean over layers) and, with gated
+                  attention, its gates' mean |g − ½|
 """
 
 from __future__ import annotations
@@ -91,4 +93,20 @@ def draw_curves(metrics_path: str | os.PathLike, out_dir: str | os.PathLike) -> 
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
         written.append(_save(fig, out_dir / "gates.png"))
+
+    sinks = [r for r in evals if r["eval"].get("first_token_attention_mean") is not None]
+    if sinks:
+        steps = [r["step"] for r in sinks]
+        gated = [r for r in sinks if r["eval"].get("attention_gates")]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(steps, [r["eval"]["first_token_attention_mean"] for r in sinks], "o-",
+                label="attention on the first token (mean over layers)")
+        if gated:
+            ax.plot([r["step"] for r in gated], [r["eval"]["attention_gates"]["mean"]["mean_abs_dev"] for r in gated],
+                    "s--", label="attention gates: mean |g − ½|")
+        ax.set_xlabel("step")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        written.append(_save(fig, out_dir / "attention.png"))
     return written

@@ -17,6 +17,9 @@ JSON-serializable dict (dimension keys are strings, so a JSON round trip returns
     linear_input_max_rms         per linear layer W4A4 quantizes (lm_head and gate projections skipped): the mean
                                  over tokens of max|x| / rms(x); then the mean over those layers
     linear_input_max_rms_worst   the largest per-layer value, and linear_input_max_rms_worst_layer its name
+    first_token_attention        per decoder layer, the attention mass on key 0 (mean over heads and query
+                                 positions 1..; None for a layer whose attention could not be followed), and
+                                 first_token_attention_mean its mean: the attention sink
     gates                        only for a model with GatedNorms: surgeon.gates' statistics of every gate
                                  ({"norms": {module path: {mean_abs_dev, spread_channels, spread_tokens,
                                  corr_abs_y, g_min, g_max, tokens}}, "mean": {...}}), in the same pass
@@ -39,6 +42,7 @@ from surgeon.architectures import decoder_layers
 from surgeon.errors import SurgeonError
 from surgeon.gates import GateRecorder
 from surgeon.quant import DEFAULT_SKIP, quantized_linears
+from surgeon.scan_recorder import Recorder, scan_attention_enabled
 from surgeon.threads import single_thread
 from surgeon.threads import unwrap as _unwrap
 
@@ -93,28 +97,30 @@ def measure(model: nn.Module, heldout_batches: Iterable, sink_dims: Sequence[int
     for j, (_, layer) in enumerate(linears):
         handles.append(layer.register_forward_pre_hook(lambda m, a, j=j: linear(j, a[0]) if a else None))
     gates = GateRecorder(model)
+    sinks = Recorder(model, None, massive_abs=0.0, massive_ratio=0.0, top_k=0, sample_tokens=0, sample_dims=0)
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     loss_sum, tokens, batches = 0.0, 0, 0
     try:
-        for batch in heldout_batches:
-            ids = batch["input_ids"] if isinstance(batch, dict) else batch
-            ids = torch.as_tensor(ids)
-            if ids.dim() == 1:
-                ids = ids.unsqueeze(0)
-            ids = ids.to(device)
-            seen.clear()
-            logits = model(input_ids=ids).logits
-            seen.clear()
-            if ids.shape[1] > 1:
-                loss_sum += float(F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                                  ids[:, 1:].reshape(-1), reduction="sum"))
-                tokens += ids[:, 1:].numel()
-            counts["first"] += ids.shape[0]
-            counts["rest"] += ids.shape[0] * (ids.shape[1] - 1)
-            batches += 1
+        with scan_attention_enabled(model, sinks):  # only its attention path: the key-0 mass of every layer
+            for batch in heldout_batches:
+                ids = batch["input_ids"] if isinstance(batch, dict) else batch
+                ids = torch.as_tensor(ids)
+                if ids.dim() == 1:
+                    ids = ids.unsqueeze(0)
+                ids = ids.to(device)
+                seen.clear()
+                logits = model(input_ids=ids).logits
+                seen.clear()
+                if ids.shape[1] > 1:
+                    loss_sum += float(F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                                      ids[:, 1:].reshape(-1), reduction="sum"))
+                    tokens += ids[:, 1:].numel()
+                counts["first"] += ids.shape[0]
+                counts["rest"] += ids.shape[0] * (ids.shape[1] - 1)
+                batches += 1
     finally:
         for handle in handles:
             handle.remove()
@@ -146,6 +152,10 @@ def measure(model: nn.Module, heldout_batches: Iterable, sink_dims: Sequence[int
         "linear_input_max_rms_worst": per_layer[worst] if per_layer else float("nan"),
         "linear_input_max_rms_worst_layer": linears[worst][0] if per_layer else None,
     }
+    sink = [sinks.attention_sink(i) for i in range(len(layers))]
+    if any(v is not None for v in sink):
+        metrics["first_token_attention"] = sink
+        metrics["first_token_attention_mean"] = sum(v for v in sink if v is not None) / sum(v is not None for v in sink)
     gate_stats, attention_stats = gates.results(), gates.attention_results()
     if gate_stats is not None:
         metrics["gates"] = gate_stats
