@@ -300,6 +300,8 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
                   f"tokens/s, {tr['seconds'] / 60:.1f} min) with recipe `{cfg.recipe}`: "
                   f"{_objectives_text(tr['objectives'])}; lr {tr['recipe']['lr']:g} (pretrained), "
                   f"{tr['recipe']['lr_new']:g} (gates, PreAffine)"
+                  + (f", {tr['recipe'].get('lr_attention_gate') or tr['recipe']['lr_new']:g} (attention gates)"
+                     if "gated_attention" in surgeon else "")
                   + ("; AdamW stepping the source's weights, unsmoothed and unrotated (optimizer_coordinates: source)"
                      if tr["recipe"].get("optimizer_coordinates") == "source" else "")
                   + f". Exported to `{DIRS['trained']}/`.", ""]

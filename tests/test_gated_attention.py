@@ -176,13 +176,27 @@ def test_cli_and_inspect(sources, tmp_path, capsys):
     assert "gated-attention" in report["transforms"]
 
 
-def test_trained_as_a_new_parameter(sources, tmp_path):
-    from surgeon.train.engine import NEW_PARAMETER_MARKS
+def test_trained_in_a_parameter_group_of_their_own(sources, tmp_path):
+    """The gates are new parameters (e.g. for `new_learn_from`), in their own optimizer group: lr_attention_gate,
+    or lr_new when the recipe leaves it unset."""
+    import surgeon.modeling  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    from surgeon.train.engine import is_new_parameter, parameter_groups
+    from surgeon.train.recipe import make_recipe
 
     out = tmp_path / "out"
-    convert(sources[("llama", False)], out, [GatedAttention()], show_progress=False)
-    names = [n for n in tensors(out) if any(mark in n for mark in NEW_PARAMETER_MARKS)]
-    assert sorted(names) == sorted(f"{a}.output_gate.weight" for a in ATTENTION)
+    convert(sources[("llama", False)], out, [GatedAttention(), PreAffine()], show_progress=False)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    names = {id(p): n for n, p in model.named_parameters()}
+    gates = sorted(f"{a}.output_gate.weight" for a in ATTENTION)
+    assert all(is_new_parameter(n) for n in gates)
+    for settings, lr in (({"lr_new": 1e-3}, 1e-3), ({"lr_new": 1e-3, "lr_attention_gate": 5e-3}, 5e-3)):
+        groups = {g["name"]: g for g in parameter_groups(model, make_recipe(settings))}
+        assert set(groups) == {"pretrained", "new", "attention_gates"}
+        assert sorted(names[id(p)] for p in groups["attention_gates"]["params"]) == gates
+        assert groups["attention_gates"]["lr"] == lr and groups["new"]["lr"] == 1e-3
+        assert all("pre_affine" in names[id(p)] for p in groups["new"]["params"])
 
 
 def test_gate_telemetry_on_a_planted_gate(sources, tmp_path):

@@ -91,7 +91,8 @@ class GatedAttention(Pass):
 
     @classmethod
     def card_row(cls, block: dict) -> tuple[str, str]:
-        return "gated attention", f"{block['granularity']} gate on `{block['output'][0]}`'s input, {block['heads']} heads"
+        return ("gated attention",
+                f"{block['granularity']} gate on `{block['output'][0]}`'s input, {block['heads']} heads")
 
     @classmethod
     def explain(cls, surgeon: dict) -> str:

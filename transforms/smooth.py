@@ -235,5 +235,7 @@ class Smooth(Pass):
         return ("The smooth pass then divides each input channel j of the q/k/v, gate/up and down_proj layers by a "
                 "power of two s_j (SmoothQuant's balance of activation and weight maxima, folded into the norm "
                 "weights" + (", GatedNorm's down projection" if "gated_norm" in surgeon else "") + " and up_proj's "
-                "rows) and multiplies the reading weights' column j by s_j: bit for bit the same function, but the "
+                "rows) and multiplies the reading weights' column j by s_j"
+                + (" (the attention gate's with q/k/v's)" if "gated_attention" in surgeon else "")
+                + ": bit for bit the same function, but the "
                 "activations' per-channel outliers now sit in the weights, where INT4's groups of 32 take them. ")

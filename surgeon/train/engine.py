@@ -1,9 +1,11 @@
 """The DeepSpeed side of training: process group, DeepSpeed config, optimizer groups, learning-rate schedule.
 
 Optimizer: torch AdamW (DeepSpeed's own Adam compiles a C++ op first; with `optimizer_coordinates: source`, its steps
-on smoothed weights taken in the source's coordinates, surgeon.train.coordinates), two parameter groups —
-    new         names containing gate_down, gate_up, pre_affine or output_gate (GatedNorm, PreAffine, gated attention):
+on smoothed weights taken in the source's coordinates, surgeon.train.coordinates), three parameter groups —
+    new         names containing gate_down, gate_up or pre_affine (GatedNorm and PreAffine parameters):
                 lr_new, weight_decay_new
+    attention_gates  names containing output_gate (gated attention's gates): lr_attention_gate (lr_new when
+                unset), weight_decay_new
     pretrained  everything else: lr, weight_decay; its lr is 0 for the first freeze_base_steps steps
 Schedule (per group, a LambdaLR factor of the group's peak lr):
     step < start + warmup: (step − start + 1) / warmup     start = freeze_base_steps for pretrained, 0 for new
@@ -30,6 +32,7 @@ from ..errors import SurgeonError
 from .recipe import Recipe
 
 NEW_PARAMETER_MARKS = ("gate_down", "gate_up", "pre_affine", "output_gate")
+ATTENTION_GATE_MARK = "output_gate"  # gated attention's gates: a group of their own (lr_attention_gate)
 DEFAULT_CONFIG = {"zero_optimization": {"stage": 0}, "steps_per_print": 1 << 30, "wall_clock_breakdown": False}
 
 
@@ -106,15 +109,19 @@ def init_distributed() -> tuple[int, int]:
 
 
 def parameter_groups(model: torch.nn.Module, recipe: Recipe) -> list[dict]:
-    new, base = [], []
+    new, attention, base = [], [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (new if is_new_parameter(name) else base).append(p)
+            (attention if ATTENTION_GATE_MARK in name else new if is_new_parameter(name) else base).append(p)
     groups = []
     if base:
         groups.append({"params": base, "lr": recipe.lr, "weight_decay": recipe.weight_decay, "name": "pretrained"})
     if new:
         groups.append({"params": new, "lr": recipe.lr_new, "weight_decay": recipe.weight_decay_new, "name": "new"})
+    if attention:
+        lr = recipe.lr_new if recipe.lr_attention_gate is None else recipe.lr_attention_gate
+        groups.append({"params": attention, "lr": lr, "weight_decay": recipe.weight_decay_new,
+                       "name": "attention_gates"})
     return groups
 
 

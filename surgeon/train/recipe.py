@@ -4,7 +4,8 @@
                                           micro-batches per optimizer step (DeepSpeed gradient_accumulation_steps)
     steps                                 optimizer steps of the whole run (the schedule's length)
     lr, lr_new                            peak learning rates of the pretrained parameters and of the new ones
-                                          (names containing gate_down, gate_up, pre_affine, output_gate)
+                                          (names containing gate_down, gate_up, pre_affine)
+    lr_attention_gate                     peak lr of gated attention's gates (output_gate; default: lr_new)
     weight_decay, weight_decay_new, betas, eps
     warmup_steps, min_lr_ratio            linear warmup to the peak, then cosine down to min_lr_ratio × peak
     freeze_base_steps                     the pretrained group's lr is 0 for the first K steps (its warmup follows)
@@ -41,6 +42,7 @@ class Recipe:
     steps: int = 100
     lr: float = 5e-5
     lr_new: float = 1e-3
+    lr_attention_gate: float | None = None  # gated attention's gates; None: lr_new
     weight_decay: float = 0.0
     weight_decay_new: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
@@ -71,7 +73,7 @@ class Recipe:
 _INTS = {"seq_len": 1, "batch_size": 1, "grad_accum": 1, "steps": 1, "warmup_steps": 0, "freeze_base_steps": 0,
          "heldout_every": 2, "eval_windows": 1, "eval_every": 1, "save_every": 1, "keep_checkpoints": 1,
          "seed": 0, "shuffle_windows": 1}
-_FLOATS = ("lr", "lr_new", "weight_decay", "weight_decay_new", "eps", "min_lr_ratio", "grad_clip")
+_FLOATS = ("lr", "lr_new", "lr_attention_gate", "weight_decay", "weight_decay_new", "eps", "min_lr_ratio", "grad_clip")
 
 
 def make_recipe(settings: dict | None = None, *, source: str = "recipe", **overrides) -> Recipe:
@@ -89,7 +91,7 @@ def make_recipe(settings: dict | None = None, *, source: str = "recipe", **overr
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise SurgeonError(f"{source}: {key} must be an integer ≥ {low}, got {value!r}")
     for key in _FLOATS:
-        if key in settings:
+        if key in settings and not (key == "lr_attention_gate" and settings[key] is None):
             value = settings[key]
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not ok or not math.isfinite(value) or value < 0:
