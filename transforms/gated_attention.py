@@ -96,6 +96,6 @@ class GatedAttention(Pass):
 
     @classmethod
     def explain(cls, surgeon: dict) -> str:
-        return ("The gated-attention pass gives every attention layer a sigmoid gate on its output, read from the "
-                "attention's input; its weights start at zero (g = ½) and o_proj's weight is doubled, so the "
-                "function is unchanged until training moves the gates. ")
+        # a clause: after GatedNorm's ("…, and "), before absorb-sinks' (lower-case) when those are present
+        return ("every attention output is gated by σ(x·W_gᵀ) from W_g = 0 (g = ½) with o_proj's weight doubled"
+                + (", and " if "absorb_sinks" in surgeon else ". "))

@@ -46,7 +46,8 @@ class GatedNorm(NormTransform):
 
     @classmethod
     def explain(cls, surgeon: dict) -> str:
-        return "the gates are identity-initialized" + (", and " if "absorb_sinks" in surgeon else ". ")
+        joined = "absorb_sinks" in surgeon or "gated_attention" in surgeon  # their clauses follow
+        return "the gates are identity-initialized" + (", and " if joined else ". ")
 
     def rewrite_norm(self, plan: Plan, norm: str) -> None:
         weight = plan.require(f"{norm}.weight").spec
