@@ -43,16 +43,17 @@ def held_perplexity(model_dir: Path, text: Path, windows: int, seq_len: int) -> 
 def trained_scan(run: Path) -> dict:
     """The trained model's scan; rescanned (same text and budget as the run's) when it has gates the scan missed."""
     scan = json.loads((run / "scan-trained" / "scan.json").read_text())
-    config = json.loads((run / "model" / "config.json").read_text())
+    config = json.loads((run / "model-trained" / "config.json").read_text())
     if "gated_attention" in (config.get("surgeon") or {}) and not scan.get("attention_gates"):
         from surgeon.scan import scan as run_scan
         from surgeon.sources import iter_token_windows, load_model, resolve_text
 
         cfg = json.loads((run / "results.json").read_text())["config"]
-        model, tokenizer = load_model(run / "model")
+        model, tokenizer = load_model(run / "model-trained")
         paths = resolve_text(cfg["data"])[:cfg["eval_files"]]  # the pipeline scans its evaluation text
         windows = iter_token_windows(paths, tokenizer, cfg["seq_len"], cfg["scan_tokens"], cfg["batch_size"])
-        scan = run_scan(model, tokenizer, windows, model_name="trained", model_path=str(run / "model")).to_dict()
+        scan = run_scan(model, tokenizer, windows, model_name="trained",
+                        model_path=str(run / "model-trained")).to_dict()
     return scan
 
 
@@ -67,8 +68,8 @@ def row_of(run: Path, label: str, held: Path, windows: int, seq_len: int) -> dic
     scan = trained_scan(run)
     attention = [layer["attention_sink"] for layer in scan["layers"] if layer.get("attention_sink") is not None]
     first = scan["first_token_mean_abs"][1:]
-    h = held_perplexity(run / "model", held, windows, seq_len)
-    config = json.loads((run / "model" / "config.json").read_text())
+    h = held_perplexity(run / "model-trained", held, windows, seq_len)
+    config = json.loads((run / "model-trained" / "config.json").read_text())
     return {
         "date": datetime.date.today().isoformat(), "label": label, "run": run.name,
         "transforms": "+".join(config["surgeon"]["transforms"]), "steps": (results.get("training") or {}).get("steps"),
@@ -94,9 +95,9 @@ def main(argv=None) -> int:
     labels = args.label or [r.name for r in args.runs]
     if len(labels) != len(args.runs):
         raise SystemExit("compare_runs: give one --label per run, or none")
-    missing = [r for r in args.runs if not (r / "results.json").is_file() or not (r / "model").is_dir()]
+    missing = [r for r in args.runs if not (r / "results.json").is_file() or not (r / "model-trained").is_dir()]
     if missing:
-        raise SystemExit(f"compare_runs: {missing[0]} is not a finished pipeline run (no results.json or model/)")
+        raise SystemExit(f"compare_runs: {missing[0]} is not a finished pipeline run (no results.json or model-trained/)")
     rows = [row_of(run, label, args.held, args.windows, args.seq_len) for run, label in zip(args.runs, labels)]
     base = rows[0]
     for row in rows:

@@ -10,10 +10,10 @@ here="$(cd "$(dirname "$0")" && pwd)"
 work="${1:?usage: run.sh WORK_DIR}"
 mkdir -p "$work"
 cd "$work"  # never the repository root
-[ -d default ] || surgeon pipeline --out default
+[ -d main ] || surgeon pipeline --out main  # not "default": a folder of that name would be read as `--data default`
 [ -d ga ] || surgeon pipeline --gated-attention --out ga
 [ -d ga-lr ] || surgeon pipeline --gated-attention --recipe "$here/ga_gate_lr_3e-3.yaml" --out ga-lr
 [ -d brown ] || python "$here/../brown_text.py" brown
-python "$here/../compare_runs.py" default ga ga-lr --held brown --csv gated_attention.csv \
+python "$here/../compare_runs.py" main ga ga-lr --held brown --csv gated_attention.csv \
   --label "main job (smollm2-cpu)" --label "+ gated-attention (smollm2-cpu)" \
   --label "+ gated-attention, lr_attention_gate 3e-3"
