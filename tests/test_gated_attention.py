@@ -103,7 +103,7 @@ def test_the_gate_is_what_the_formula_says(sources, tmp_path):
         assert_close_logits(silent(input_ids=ids).logits, closed(input_ids=ids).logits, rel=1e-6)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_round_trip_and_load_without_surgeon(sources, tmp_path, family):
     import surgeon.modeling  # noqa: F401
     from transformers import AutoModelForCausalLM
@@ -134,6 +134,15 @@ def test_stacked_with_every_pass(sources, corpus, tmp_path):
     assert_close_logits(logits(src), logits(out))
     groups = json.loads((out / "config.json").read_text())["surgeon"]["hadamard"]["groups"]
     assert "model.layers.*.self_attn.output_gate" in groups["attention_in"]["linears"]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_stacked_with_every_pass_a_moe_family_takes(sources, tmp_path, family):
+    src, out = sources[(family, True)], tmp_path / "out"
+    passes = [GatedNorm(rank=4), GatedAttention(granularity="head"), PreAffine(), AbsorbSinks(sinks=[3], scale=4),
+              GLU()]
+    assert convert(src, out, passes, verify=True, show_progress=False).transforms == [p.name for p in passes]
+    assert_close_logits(logits(src), logits(out))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
