@@ -322,8 +322,10 @@ def resolve_text(spec: str | os.PathLike | list | tuple) -> list[Path]:
         if path.is_dir():
             paths = sorted(p for p in path.iterdir() if p.suffix.lower() in (".txt", ".jsonl") and p.is_file())
             if not paths:
-                raise SurgeonError(f"{path} holds no .txt or .jsonl files: pass a text file, a JSONL file or a "
-                                   f"folder of them")
+                shadow = (" (a folder named `default` here stands for the embedded default text's name: run from "
+                          "another directory, or rename the folder)" if text == "default" else "")
+                raise SurgeonError(f"{path} holds no .txt or .jsonl files{shadow}: pass a text file, a JSONL file "
+                                   f"or a folder of them")
         elif path.is_file():
             paths = [path]
         else:

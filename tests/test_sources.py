@@ -413,3 +413,12 @@ def test_real_smollm2_perplexity_on_shakespeare():
         nll, count = nll + float(loss) * n, count + n
     assert count == 8 * 256
     assert math.exp(nll / count) == pytest.approx(55.9, abs=0.5)
+
+
+def test_a_folder_named_default_without_text_says_it_shadows_the_default(tmp_path, monkeypatch):
+    """E.g. a pipeline run directory `default` in the working directory: the error says why `default` meant it."""
+    (tmp_path / "default").mkdir()
+    (tmp_path / "default" / "report.md").write_text("# a run\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SurgeonError, match="a folder named `default` here stands for the embedded default text"):
+        sources.resolve_text("default")
