@@ -31,14 +31,6 @@ GRANULARITIES = ("elementwise", "head")
 GATE = "output_gate"  # the gate linear's name inside the attention module
 
 
-def gate_weights(plan: Plan) -> dict[str, str]:
-    """{attention module: its gate's weight tensor} where this plan's model has gated attention (else empty)."""
-    block = plan.surgeon.get("gated_attention")
-    if not block:
-        return {}
-    return {m: f"{m}.{GATE}.weight" for pattern in block["targets"] for m in plan.expand(pattern)}
-
-
 @dataclass
 class GatedAttention(Pass):
     granularity: str = "elementwise"

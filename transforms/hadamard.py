@@ -45,7 +45,7 @@ from surgeon.modeling import block_hadamard_reference, hadamard_block
 from surgeon.plan import Plan
 
 from .base import Option, Pass
-from .gated_attention import GATE, gate_weights
+from .gated_attention import GATE
 
 GROUPS = ("attention_in", "attention_out", "mlp_in", "mlp_out")
 
@@ -100,7 +100,7 @@ class Hadamard(Pass):
         record = {}
         for group in self.groups:
             patterns = list(arch.linear_inputs[group])
-            if group == "attention_in" and gate_weights(plan):  # the gate reads what q/k/v read
+            if group == "attention_in" and "gated_attention" in plan.surgeon:  # the gate reads what q/k/v read
                 patterns += [f"{p}.{GATE}" for p in plan.surgeon["gated_attention"]["targets"]]
             weights = [f"{module}.weight" for pattern in patterns for module in plan.expand(pattern)]
             widths = set()

@@ -58,7 +58,7 @@ from surgeon.plan import Plan
 from surgeon.quant import SMOOTH_ALPHA, balance_scales, check_alpha
 
 from .base import CALIBRATION_TEXT, Option, Pass
-from .gated_attention import gate_weights
+from .gated_attention import GATE
 
 POINTS = ("pre_attention", "pre_mlp")
 CLI_NEEDS_TEXT = "smooth needs calibration text: --data TEXT (.txt, .jsonl, a folder, or `default`)"
@@ -138,13 +138,14 @@ class Smooth(Pass):
             raise SurgeonError(f"smooth does not support {arch.model_type}: its architecture data names no "
                                f"{missing[0]} readers (norm_readers / mlp in surgeon/architectures/"
                                f"{arch.model_type}.json); the MoE families' fused experts are not supported")
-        attention_gates = list(gate_weights(plan).values())  # read the pre-attention norm's output with q/k/v
         out = []
         for i in range(arch.num_layers(plan.config)):
             at = lambda pattern: pattern.replace("*", str(i))  # noqa: E731
             for role in POINTS:
                 norm = at(arch.norm_pattern(role))
-                gates = [f"{norm}.gate_down.weight"] + (attention_gates[i:i + 1] if role == "pre_attention" else [])
+                gates = [f"{norm}.gate_down.weight"]  # GatedNorm's gate, and the attention gate (with q/k/v)
+                if role == "pre_attention" and arch.attention:
+                    gates.append(f"{at(arch.attention['module'])}.{GATE}.weight")
                 out.append({"point": norm, "divide": [(f"{norm}.weight", -1)],
                             "readers": [f"{at(r)}.weight" for r in readers[role]]
                             + [g for g in gates if g in plan.tensors],

@@ -150,6 +150,11 @@ class HadamardInput:
         return (rotated, *args[1:])
 
 
+def _layer_index(name: str) -> tuple[str, ...]:
+    """The indices in a module path (e.g. ("3",) for model.layers.3.self_attn): which layer it belongs to."""
+    return tuple(p for p in name.split(".") if p.isdigit())
+
+
 class AttentionGate:
     """The hooks of one gated attention module: a pre-hook on the attention computes g = σ(output_gate(x)) from
     its input, a pre-hook on its o_proj multiplies o_proj's input by g (a head's scalar repeated over head_dim)."""
@@ -178,12 +183,11 @@ def _gated_attention(model: nn.Module, surgeon: dict):
         return []
     modules = dict(model.named_modules())
     attention_re, output_re = target_regex(block["targets"]), target_regex(block["output"])
-    layer = lambda name: tuple(p for p in name.split(".") if p.isdigit())  # noqa: E731
-    outputs = {layer(n): m for n, m in modules.items() if output_re.match(n)}
+    outputs = {_layer_index(n): m for n, m in modules.items() if output_re.match(n)}
     found = []
     for name, module in modules.items():
         if attention_re.match(name):
-            o_proj = outputs.get(layer(name))
+            o_proj = outputs.get(_layer_index(name))
             if not isinstance(o_proj, nn.Linear):
                 raise ValueError(f"surgeon: the gated attention {name!r} has no o_proj linear matching "
                                  f"{block['output']}")
@@ -199,9 +203,8 @@ def add_attention_gates(model: nn.Module, surgeon: dict) -> list[str]:
     block = (surgeon or {}).get("gated_attention") or {}
     added = []
     for name, module, o_proj in _gated_attention(model, surgeon):
-        hidden = int(getattr(model.config, "hidden_size", 0)) or o_proj.out_features
         width = int(block["heads"]) if block.get("granularity") == "head" else o_proj.in_features
-        module.output_gate = nn.Linear(hidden, width, bias=False, device=o_proj.weight.device,
+        module.output_gate = nn.Linear(o_proj.out_features, width, bias=False, device=o_proj.weight.device,
                                        dtype=o_proj.weight.dtype)
         module.output_gate.surgeon_identity_zero = True  # _init_weights: W_g = 0, the identity
         added.append(f"{name}.output_gate")
@@ -350,7 +353,7 @@ def install_rotations(model: nn.Module, surgeon: dict) -> list[str]:
         per_layer: dict[tuple, list[str]] = {}  # one tensor read by the group's linears, per layer
         for name in modules:
             if regex.match(name):
-                per_layer.setdefault(tuple(p for p in name.split(".") if p.isdigit()), []).append(name)
+                per_layer.setdefault(_layer_index(name), []).append(name)
         if not per_layer:
             raise ValueError(f"surgeon: no module matches the Hadamard-rotated linears {group['linears']}")
         for names in per_layer.values():
