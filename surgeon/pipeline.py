@@ -1,5 +1,7 @@
-"""The main job, stage by stage: scan the source → convert (PreAffine, the scanned residual sinks absorbed into it,
-SmoothQuant scales folded into the weights, the linear inputs Hadamard-rotated, GatedNorm with --gated-norm;
+"""The main job, stage by stage: scan the source → choose the optional passes by measurement (smooth at an α,
+hadamard on some linear inputs: kept only where they lower the target format's W4A4 error on the training text,
+surgeon/choose.py) → convert (PreAffine, the scanned residual sinks absorbed into it, the chosen passes —
+SmoothQuant scales folded into the weights, the linear inputs Hadamard-rotated —, GatedNorm with --gated-norm;
 verified) → scan the result → continued
 pretraining with the tuned recipe → export → scan and evaluate the export → a markdown report with the tables
 and plots, source, converted and trained side by side (perplexity, NVFP4 and INT4 W4A4).
@@ -66,6 +68,9 @@ class PipelineConfig:
     gated_attention: bool = DEFAULTS["gated_attention"]  # a sigmoid gate on every attention output
     smooth_alpha: float | None = DEFAULTS["smooth_alpha"]  # α of the smooth pass (on the training text); None: no pass
     hadamard: bool = DEFAULTS["hadamard"]  # rotate every dense linear's input online (after smooth)
+    choose: bool = DEFAULTS["choose"]  # smooth/hadamard kept only where they lower the W4A4 error (surgeon/choose.py)
+    format: str = DEFAULTS["format"]  # the chooser's target: nvfp4, int4 or both
+    smooth_alphas: tuple = tuple(DEFAULTS["smooth_alphas"])  # smooth's α candidates when choosing
     scan_tokens: int = DEFAULTS["scan_tokens"]
     seq_len: int = DEFAULTS["seq_len"]
     eval_windows: int = DEFAULTS["eval_windows"]
@@ -88,6 +93,7 @@ class PipelineResult:
     text: dict = field(default_factory=dict)  # eval / train files, overlap
     training: dict | None = None  # steps, tokens, tokens/s, recipe
     control: dict | None = None  # the control's passes, verification and training summary
+    choice: object | None = None  # surgeon.choose.Choice: what the chooser measured and kept
 
 
 def split_text(paths: list[Path], eval_files: int) -> tuple[list[Path], list[Path], bool]:
@@ -98,22 +104,38 @@ def split_text(paths: list[Path], eval_files: int) -> tuple[list[Path], list[Pat
 
 
 def conversion_passes(cfg: PipelineConfig, sinks_scan: Path | None, train_paths: list[Path], *,
-                      control: bool = False) -> list:
+                      control: bool = False, optional: list | None = None) -> list:
     """The main job's passes in order: GatedNorm (with `gated_norm`), gated attention (with `gated_attention`),
-    PreAffine, absorb-sinks (when the scan found sinks), smooth, hadamard. `control`: the same without the passes
-    that insert or work through the paper's modules (each pass's `module_pass`), so the control differs from the
-    main run by the modules alone."""
+    PreAffine, absorb-sinks (when the scan found sinks), then the optional passes: `optional` (what the chooser
+    kept), else smooth and hadamard as the config fixes them. `control`: the same without the passes that insert
+    or work through the paper's modules (each pass's `module_pass`), so the control differs from the main run by
+    the modules alone."""
     passes = [GatedNorm(rank=cfg.rank)] if cfg.gated_norm else []
     if cfg.gated_attention:
         passes.append(GatedAttention())
     passes.append(PreAffine())
     if sinks_scan is not None:
         passes.append(AbsorbSinks(scan=sinks_scan))
-    if cfg.smooth_alpha is not None:  # calibrated on the training text: the evaluation text stays unseen
-        passes.append(Smooth(data=train_paths, alpha=cfg.smooth_alpha, seq_len=cfg.seq_len))
-    if cfg.hadamard:
-        passes.append(Hadamard())
+    if optional is not None:
+        passes += optional
+    else:
+        if cfg.smooth_alpha is not None:  # calibrated on the training text: the evaluation text stays unseen
+            passes.append(Smooth(data=train_paths, alpha=cfg.smooth_alpha, seq_len=cfg.seq_len))
+        if cfg.hadamard:
+            passes.append(Hadamard())
     return [p for p in passes if not (control and p.module_pass)]
+
+
+def choose_optional(cfg: PipelineConfig, source: Path, sinks_scan: Path | None, train_paths: list[Path],
+                    work_dir: Path):
+    """The chooser on the main job's base passes: smooth at each of `smooth_alphas` (unless smooth is off) and
+    hadamard (unless off), measured on the training text — the evaluation text stays unseen."""
+    from .choose import choose
+
+    base = conversion_passes(cfg, sinks_scan, train_paths, optional=[])
+    return choose(source, base, train_paths, target=cfg.format, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                  alphas=cfg.smooth_alphas if cfg.smooth_alpha is not None else (), hadamard=cfg.hadamard,
+                  work_dir=work_dir)
 
 
 def _scan_and_eval(label: str, model_dir: Path, paths: list[Path], cfg: PipelineConfig, out: Path,
@@ -167,7 +189,16 @@ def run(cfg: PipelineConfig, out: str | Path, *, force: bool = False) -> Pipelin
 
         t = time.perf_counter()
         sinks_scan = tmp / "scan-source" / "scan.json" if result.scans["source"].sinks else None
-        passes = conversion_passes(cfg, sinks_scan, train_paths)
+        optional = None
+        if cfg.choose:
+            console.rule(f"[bold]2/{stages} choose[/] smooth and hadamard by {cfg.format} W4A4 error on the "
+                         "training text")
+            result.choice = choose_optional(cfg, source, sinks_scan, train_paths, tmp)
+            optional = result.choice.passes
+            (tmp / "choice.json").write_text(json.dumps(result.choice.as_dict(), indent=2) + "\n")
+            result.stages["choose"] = time.perf_counter() - t
+            t = time.perf_counter()
+        passes = conversion_passes(cfg, sinks_scan, train_paths, optional=optional)
         console.rule(f"[bold]2/{stages} convert[/] {' + '.join(p.name for p in passes)}, verified")
         converted = tmp / DIRS["converted"]
         report = convert(source, converted, passes, verify=True)
@@ -196,20 +227,22 @@ def run(cfg: PipelineConfig, out: str | Path, *, force: bool = False) -> Pipelin
             result.stages["export"] = time.perf_counter() - t
             _scan_and_eval("trained", tmp / DIRS["trained"], eval_paths, cfg, tmp, result)
         if cfg.control:
-            _control(cfg, source, sinks_scan, train_paths, eval_paths, recipe, tmp, result, f"6/{stages}")
+            _control(cfg, source, sinks_scan, train_paths, eval_paths, recipe, tmp, result, f"6/{stages}", optional)
         write_report(tmp, cfg, result, report)
     console.print(f"[green]report:[/] {out / 'report.md'}")
     return result
 
 
 def _control(cfg: PipelineConfig, source: Path, sinks_scan: Path | None, train_paths: list[Path],
-             eval_paths: list[Path], recipe, tmp: Path, result: PipelineResult, stage: str) -> None:
-    """The same run without the norm modules: the main job's other passes on the source, the same recipe, budget
-    and text, exported to model-control/ and evaluated beside the trained model."""
+             eval_paths: list[Path], recipe, tmp: Path, result: PipelineResult, stage: str,
+             optional: list | None = None) -> None:
+    """The same run without the norm modules: the main job's other passes (the optional ones the chooser kept for
+    the main run) on the source, the same recipe, budget and text, exported to model-control/ and evaluated beside
+    the trained model."""
     from .export import export
     from .train.loop import train
 
-    passes = conversion_passes(cfg, sinks_scan, train_paths, control=True)
+    passes = conversion_passes(cfg, sinks_scan, train_paths, control=True, optional=optional)
     console.rule(f"[bold]{stage} control[/] {' + '.join(p.name for p in passes) or 'no pass'} (no norm modules), "
                  f"the same recipe and {recipe.steps} steps")
     t = time.perf_counter()
@@ -347,6 +380,16 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
             values["control"] = figure(result.control["training"]["heldout_last"])
         lines.append("| linear-input max/RMS, mean (worst) — training's held-out | "
                      + " | ".join(values.get(label, "–") for label in labels) + " |")
+    if result.choice is not None:
+        from .choose import markdown
+
+        choice = result.choice
+        lines += ["", "## Passes chosen by measurement", "",
+                  f"Each optional pass was converted and measured on {choice.tokens:,} tokens of the training text "
+                  f"(not the evaluation text): the KL divergence of the fake-quantized model's next-token "
+                  f"distribution from the fp32 model's, in {' and '.join(f.upper() for f in choice.formats)} W4A4; "
+                  "a pass is kept only where that is lower in every target format. Kept: "
+                  + (", ".join(choice.labels()) or "none") + ".", "", *markdown(choice)]
     columns = [f for f in next(iter(result.evals.values())).perplexity if f != "none"]
     smoothed = any(f.endswith("+sq") for f in columns)
     lines += ["", "## Perplexity and W4A4", "",
@@ -384,7 +427,7 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
         "config": asdict(cfg), "verify": result.verify, "stages": result.stages, "text": result.text,
         "perplexity": {k: v.perplexity for k, v in result.evals.items()},
         "peak": {k: v.peak for k, v in result.scans.items()}, "training": result.training,
-        "control": result.control,
+        "control": result.control, "choice": None if result.choice is None else result.choice.as_dict(),
     }, indent=2) + "\n")
 
 

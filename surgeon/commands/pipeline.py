@@ -1,6 +1,6 @@
-"""surgeon pipeline [--model default] [--data default] --out DIR: the main job — scan the source, convert it
-(PreAffine + absorb-sinks + smooth + hadamard, GatedNorm with --gated-norm, gated attention with --gated-attention;
-verified), scan the result, train it with the tuned recipe, export it,
+"""surgeon pipeline [--model default] [--data default] --out DIR: the main job — scan the source, choose smooth and
+hadamard by the --format W4A4 error they leave, convert it (PreAffine + absorb-sinks + the chosen passes, GatedNorm
+with --gated-norm, gated attention with --gated-attention; verified), scan the result, train it with the tuned recipe, export it,
 evaluate source, converted and trained side by side (fp32, NVFP4 and INT4 W4A4), write report.md."""
 
 from __future__ import annotations
@@ -23,9 +23,18 @@ def add_arguments(p) -> None:
     p.add_argument("--gated-attention", action=argparse.BooleanOptionalAction, default=d.gated_attention,
                    help="gate every attention output (identity-initialized; default: off, see README)")
     p.add_argument("--smooth-alpha", type=float, default=d.smooth_alpha,
-                   help="α of the smooth pass (SmoothQuant folded into the weights; %(default)s)")
+                   help="α of the smooth pass with --no-choose (SmoothQuant folded into the weights; %(default)s)")
     p.add_argument("--no-smooth", action="store_true", help="convert without the smooth pass")
     p.add_argument("--no-hadamard", action="store_true", help="convert without the hadamard pass (online rotations)")
+    p.add_argument("--choose", action=argparse.BooleanOptionalAction, default=d.choose,
+                   help="keep smooth (at one of --smooth-alphas) and hadamard (every group or one) only where they "
+                        "lower the --format W4A4 error, measured on the training text (default: on); --no-choose: "
+                        "smooth at --smooth-alpha and hadamard everywhere, unmeasured")
+    p.add_argument("--format", choices=["nvfp4", "int4", "both"], default=d.format,
+                   help="W4A4 format(s) the chosen passes must not make worse (%(default)s)")
+    p.add_argument("--smooth-alphas", type=_alphas, default=d.smooth_alphas,
+                   help="smooth's α candidates for the chooser, comma-separated (default: "
+                        f"{','.join(f'{a:g}' for a in d.smooth_alphas)})")
     p.add_argument("--scan-tokens", type=int, default=d.scan_tokens, help="calibration tokens (%(default)s)")
     p.add_argument("--eval-windows", type=int, default=d.eval_windows, help="evaluation windows (%(default)s)")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per window (%(default)s)")
@@ -42,6 +51,16 @@ def add_arguments(p) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing run directory")
 
 
+def _alphas(text: str) -> tuple[float, ...]:
+    try:
+        alphas = tuple(float(a) for a in text.split(",") if a.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    if not alphas or not all(0 <= a <= 1 for a in alphas):
+        raise argparse.ArgumentTypeError(f"smooth α candidates must lie in [0, 1], got {text!r}")
+    return alphas
+
+
 def run(args) -> int:
     from ..pipeline import PipelineConfig
     from ..pipeline import run as run_pipeline
@@ -50,6 +69,7 @@ def run(args) -> int:
                          gated_attention=args.gated_attention, scan_tokens=args.scan_tokens,
                          eval_windows=args.eval_windows, seq_len=args.seq_len, eval_files=args.eval_files,
                          recipe=args.recipe, train_steps=args.train_steps, train=not args.no_train, control=args.control,
-                         smooth_alpha=None if args.no_smooth else args.smooth_alpha, hadamard=not args.no_hadamard)
+                         smooth_alpha=None if args.no_smooth else args.smooth_alpha, hadamard=not args.no_hadamard,
+                         choose=args.choose, format=args.format, smooth_alphas=args.smooth_alphas)
     run_pipeline(cfg, args.out, force=args.force)
     return 0

@@ -1,0 +1,140 @@
+"""The pass chooser (surgeon/choose.py) on planted cases, with the real passes, converter and fake quantizers:
+
+  * helps: a tiny llama whose norms carry one channel ×64 (the readers' columns ÷64: the same function) — the
+    activation outlier INT4's one scale per token is crushed by; smooth moves it into the weights and is kept;
+  * hurts: a tiny llama whose linear weights already lie on the INT4 grid (as a GGUF's 4-bit weights do) — a
+    Hadamard rotation takes them off it and smoothing rescales their columns, so under INT4 both are dropped.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny import logits, make_tiny
+
+from surgeon.choose import choose, lowers, markdown, table
+from surgeon.cli import main
+from surgeon.errors import SurgeonError
+from surgeon.quant import INT4_GROUP, int4
+from surgeon.transforms import PreAffine
+
+TEXT = ("Now is the winter of our discontent made glorious summer by this sun of York; and all the clouds that "
+        "lour'd upon our house in the deep bosom of the ocean buried. ") * 40
+READERS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+           "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
+KW = dict(seq_len=32, batch_size=2, smooth_tokens=256, show=False)
+
+
+def _rewrite(src, edit):
+    weights = load_file(src / "model.safetensors")
+    edit(weights)
+    save_file({k: v.contiguous() for k, v in weights.items()}, src / "model.safetensors", metadata={"format": "pt"})
+    return src
+
+
+@pytest.fixture(scope="module")
+def outlier(tmp_path_factory):
+    def plant(w):
+        for layer in range(2):
+            for norm, readers in READERS.items():
+                w[f"model.layers.{layer}.{norm}.weight"][5] *= 64
+                for reader in readers:
+                    w[f"model.layers.{layer}.{reader}.weight"][:, 5] /= 64
+    return _rewrite(make_tiny(tmp_path_factory.mktemp("outlier") / "m", "llama"), plant)
+
+
+@pytest.fixture(scope="module")
+def on_grid(tmp_path_factory):
+    def snap(w):
+        for name in w:
+            if name.endswith("proj.weight"):
+                w[name] = int4(w[name], group=INT4_GROUP)
+    return _rewrite(make_tiny(tmp_path_factory.mktemp("grid") / "m", "llama", seed=3), snap)
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def test_a_pass_that_helps_is_kept(outlier, text):
+    choice = choose(outlier, [PreAffine()], [text], target="int4", **KW)
+    base, *rest = choice.trials
+    assert base.verdict == "base" and base.label == "base: pre-affine"
+    smooth = [t for t in rest if t.stage == "smooth"]
+    kept = [t for t in smooth if t.verdict == "kept"]
+    assert len(kept) == 1 and kept[0].error["int4"] < base.error["int4"] / 4  # the planted outlier, moved
+    assert choice.passes[0].name == "smooth" and choice.passes[0].alpha == float(kept[0].label.split()[-1])
+    # every later stage was measured on top of what was kept
+    assert all(t.passes[1].name == "smooth" for t in rest if t.stage == "hadamard")
+    assert choice.labels()[0] == kept[0].label and not choice.overlaps_calibration
+
+
+def test_a_pass_that_hurts_is_dropped(on_grid, text):
+    choice = choose(on_grid, [PreAffine()], [text], target="int4", **KW)
+    base = choice.trials[0]
+    rotated = next(t for t in choice.trials if t.label == "hadamard all")
+    assert rotated.error["int4"] > 1.5 * base.error["int4"] and rotated.verdict == "worse"
+    assert all(t.verdict == "worse" for t in choice.trials if t.stage == "smooth")
+    assert not any(p.name == "smooth" for p in choice.passes)
+    assert "hadamard all" not in choice.labels()
+
+
+def test_both_formats_must_be_lower_and_the_table_says_what_was_decided(outlier, text):
+    assert lowers({"nvfp4": 1.0, "int4": 2.0}, {"nvfp4": 1.5, "int4": 3.0})
+    assert not lowers({"nvfp4": 1.0, "int4": 3.5}, {"nvfp4": 1.5, "int4": 3.0})  # INT4 better, NVFP4 worse: no
+    choice = choose(outlier, [PreAffine()], [text], target="both", hadamard=False, **KW)
+    assert set(choice.trials[0].figures) == {"nvfp4", "int4"}
+    for trial in choice.trials[1:]:
+        assert (trial.verdict != "worse") == lowers(trial.error, choice.trials[0].error)
+    lines = markdown(choice)
+    assert lines[0] == "| stage | candidate | NVFP4 W4A4 KL | NVFP4 ppl | INT4 W4A4 KL | INT4 ppl | verdict |"
+    assert len(lines) == 2 + 1 + 3 and "**kept**" in "".join(lines)
+    assert table(choice).row_count == 4
+    with pytest.raises(SurgeonError, match="unknown --format 'fp8'"):
+        choose(outlier, [], [text], target="fp8", **KW)
+
+
+def test_convert_auto_prints_the_table_and_writes_what_it_kept(outlier, text, tmp_path, capsys):
+    out = tmp_path / "auto"
+    assert main(["convert", str(outlier), str(out), "-t", "pre-affine", "--auto", "--format", "int4",
+                 "--data", str(text), "--smooth-tokens", "256", "--verify"]) == 0
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err  # the table goes where surgeon's progress goes (stderr)
+    assert "passes chosen by W4A4 error" in printed and "kept" in printed
+    block = json.loads((out / "config.json").read_text())["surgeon"]
+    assert block["transforms"][:2] == ["pre-affine", "smooth"]
+    torch.testing.assert_close(logits(out), logits(outlier), rtol=0, atol=1e-5)
+    for argv, message in ((["-t", "smooth", "--data", str(text)], "--auto chooses smooth and hadamard itself"),
+                          ([], "add --data TEXT")):
+        assert main(["convert", str(outlier), str(tmp_path / "x"), "--auto", *argv]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert main(["convert", str(outlier), str(tmp_path / "x")]) == 2  # neither -t nor --auto
+    assert "convert needs a pass: -t NAME" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_the_pipeline_converts_with_what_the_chooser_kept_and_reports_it(outlier, text, tmp_path):
+    """The main job's default: the chooser runs on the training text, its kept passes are the converted model's
+    optional passes, and report.md / choice.json hold the table it decided from."""
+    from surgeon.pipeline import PipelineConfig, run
+
+    cfg = PipelineConfig(model=str(outlier), data=str(text), scan_tokens=256, seq_len=32, eval_windows=2,
+                         eval_skip_tokens=32, batch_size=2, train=False, smooth_alphas=(0.5, 0.8))
+    result = run(cfg, tmp_path / "run")
+    kept = [p.name for p in result.choice.passes]
+    assert kept[0] == "smooth"  # the planted outlier: smooth lowers both formats' error
+    block = json.loads((tmp_path / "run" / "model-converted" / "config.json").read_text())["surgeon"]
+    assert block["transforms"] == ["pre-affine", *kept]
+    assert block["smooth"]["alpha"] == result.choice.passes[0].alpha
+    saved = json.loads((tmp_path / "run" / "choice.json").read_text())
+    assert saved["kept"] == result.choice.labels() and saved["formats"] == ["nvfp4", "int4"]
+    assert [t["label"] for t in saved["trials"]][:3] == ["base: pre-affine", "smooth α 0.5", "smooth α 0.8"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Passes chosen by measurement" in report and "| smooth | smooth α 0.5 |" in report
+    assert result.verify["ok"] and "choose" in result.stages
