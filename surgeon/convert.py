@@ -59,6 +59,8 @@ def surgeon_config(plan: Plan, source: Checkpoint, sha256: str) -> dict:
     block.setdefault("base_model_type", base)
     block.setdefault("base_architectures", source.config.get("architectures"))
     block["version"] = __version__
+    if plan.arch.norm_offset:  # the modeling file builds Gemma's norms as x·(offset + w): it reads the offset here
+        block["norm_offset"] = plan.arch.norm_offset
     block.setdefault("history", []).append(  # the source by name and hash: a published model names no local path
         {"transforms": list(plan.applied), "source": final_path(source.path.resolve()).name, "source_sha256": sha256}
     )

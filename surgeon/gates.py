@@ -81,7 +81,7 @@ class _Sums:
         with single_thread(x):
             pre = getattr(module, "pre_affine", None)
             y = rms_norm_reference(x.detach().float(), module.weight.float(), module.variance_epsilon,
-                                   None if pre is None else pre.float())
+                                   None if pre is None else pre.float(), getattr(module, "weight_offset", 0.0))
             g = torch.sigmoid(F.linear(F.silu(F.linear(y, module.gate_down.weight.float())),
                                        module.gate_up.weight.float()))
             self.accumulate(g, y.abs())

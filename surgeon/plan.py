@@ -71,6 +71,16 @@ class Plan:
         entry.produce = lambda: fn(inner())
         entry.origin = "rewritten" if entry.origin == "source" else entry.origin
 
+    def rewrite_scale(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """rewrite() of a tensor the model multiplies by: fn sees the scale λ. For a norm of a family that stores
+        λ − offset (Gemma's x·(1 + w)) that is offset + w, computed in fp32 as those families compute it, and λ − offset
+        is stored; for every other tensor, the data itself."""
+        offset = self.arch.norm_offset_of(name)
+        if not offset:
+            self.rewrite(name, fn)
+            return
+        self.rewrite(name, lambda t: (fn(t.float() + offset) - offset).to(t.dtype))
+
     def add(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, produce: Producer, after: str) -> None:
         if name in self.tensors:
             raise SurgeonError(f"tensor {name!r} already exists; the transform was applied before")

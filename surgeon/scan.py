@@ -216,13 +216,15 @@ def _build_report(model, tokenizer, rec: Recorder, *, model_name, model_path, wi
         token_sample=token_sample, gates=gates, attention_gates=attention_gates)
 
 
-def _norm_vectors(module: nn.Module | None) -> dict[str, torch.Tensor]:
-    """The residual-reading scale vectors of a norm: its λ (`weight`) and, on surgeon norms, λ1 (`pre_affine`)."""
+def _norm_vectors(module: nn.Module | None, offset: float = 0.0) -> dict[str, torch.Tensor]:
+    """The residual-reading scale vectors of a norm: its effective λ (`weight`; offset + w where the family stores
+    w of x·(offset + w), as Gemma does) and, on surgeon norms, λ1 (`pre_affine`)."""
     out = {}
     for attr in ("weight", "pre_affine"):
         value = getattr(module, attr, None) if module is not None else None
         if isinstance(value, torch.Tensor) and value.dim() == 1:
-            out[attr] = value.detach().float().cpu()
+            value = value.detach().float().cpu()
+            out[attr] = value + offset if attr == "weight" and offset else value
     return out
 
 
@@ -234,11 +236,12 @@ def _residual_norms(model) -> dict[str, list[dict[str, torch.Tensor]] | dict[str
     out: dict = {}
     for role in arch.residual_readers:
         pattern = arch.norm_pattern(role)
+        offset = arch.norm_offset_of(pattern.replace("*", "0") + ".weight")  # a concrete name: patterns match those
         if "*" in pattern:
-            out[arch.reader_key(role)] = [_norm_vectors(module_at(model, pattern.replace("*", str(i))))
+            out[arch.reader_key(role)] = [_norm_vectors(module_at(model, pattern.replace("*", str(i))), offset)
                                           for i in range(n_layers)]
         else:
-            out[arch.reader_key(role)] = _norm_vectors(module_at(model, pattern))
+            out[arch.reader_key(role)] = _norm_vectors(module_at(model, pattern), offset)
     return out
 
 

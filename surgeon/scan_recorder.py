@@ -32,12 +32,41 @@ def _scan_attention(module, query, key, value, attention_mask, **kwargs):
         output = recorder.attend(module, query, key, value, attention_mask, **kwargs)
         if output is not None:
             return output
+    if kwargs.get("softcap"):  # SDPA cannot soft-cap the logits (Gemma 2): attend eagerly, recording as we go
+        return _softcapped_attention(module, query, key, value, attention_mask, recorder, **kwargs)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     output = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if recorder is not None:
         recorder.attention(module, query, key, attention_mask, kwargs.get("scaling"))
     return output
+
+
+def _softcapped_attention(module, query, key, value, attention_mask, recorder, *, softcap, scaling=None,
+                          dropout=0.0, **_):
+    """Eager attention with logits soft-capped as softcap·tanh(logits / softcap) before the mask (Gemma 2's
+    order), giving the recorder the key-0 mass from the same probabilities."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    groups = query.shape[1] // key.shape[1]
+    k, v = repeat_kv(key, groups), repeat_kv(value, groups)
+    lq, lk = query.shape[2], k.shape[2]
+    logits = torch.matmul(query, k.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    logits = torch.tanh(logits / softcap) * softcap
+    if attention_mask is None:  # the "is_causal" case: queries are the last lq positions
+        future = torch.arange(lk, device=logits.device) > (torch.arange(lq, device=logits.device) + lk - lq)[:, None]
+        logits = logits.masked_fill(future, float("-inf"))
+    elif attention_mask.dtype == torch.bool:
+        logits = logits.masked_fill(~attention_mask[:, :, :, :lk], float("-inf"))
+    else:
+        logits = logits + attention_mask[:, :, :, :lk]
+    probs = torch.softmax(logits.float(), dim=-1).to(query.dtype)
+    layer = recorder.attn_index.get(id(module)) if recorder is not None else None
+    if layer is not None and lq > 1:
+        mass0 = probs[:, :, 1:, 0].float().nan_to_num(0.0)
+        recorder._add_sink(layer, mass0.sum((0, 2), dtype=torch.float64).cpu(), query.shape[0] * (lq - 1))
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(probs, v).transpose(1, 2).contiguous(), None
 
 
 def _register_scan_attention() -> None:

@@ -69,8 +69,8 @@ def corrupt(kind, src):
 
 CASES = {
     "missing config": "has no config.json",
-    "unsupported family": "unsupported model family 'gpt2'; supported: llama, mistral, mixtral, qwen2, qwen2_moe, "
-                          "qwen3, qwen3_moe",
+    "unsupported family": "unsupported model family 'gpt2'; supported: gemma2, gemma3_text, llama, mistral, mixtral, "
+                          "qwen2, qwen2_moe, qwen3, qwen3_moe",
     "truncated": "truncated or corrupt",
     "corrupt header": "truncated or corrupt",
     "index missing shard": "names shard 'model-00001-of-00002.safetensors', which is missing",

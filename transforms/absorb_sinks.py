@@ -282,12 +282,17 @@ class AbsorbSinks(Pass):
                 raise SurgeonError(f"residual writer {name} {tuple(shape)} has no output axis of the hidden size {d}: "
                                    f"the {arch.model_type} architecture data does not describe this checkpoint")
 
+        gated = [n for n, _ in writers if n.endswith(".weight") and f"{n.removesuffix('.weight')}.gate_down.weight"
+                 in plan.tensors]
+        if gated:  # its gate reads λ ⊙ n(x): rescaling λ would move the gate
+            raise SurgeonError(f"absorb-sinks rescales the residual-writing norm {gated[0].removesuffix('.weight')}, "
+                               "which carries a GatedNorm gate: absorb the sinks first, then add gated-norm")
         untied = arch.tied(plan.config)
         if untied:
             self.untie(plan)
         plan.rewrite(embedding.name, lambda t, n=embedding.name: _rescaled(t, -1, scales, multiply=False, name=n))
-        for name, axis in writers:
-            plan.rewrite(name, lambda t, n=name, a=axis: _rescaled(t, a, scales, multiply=False, name=n))
+        for name, axis in writers:  # a writer norm (Gemma's post-norms): its λ, through rewrite_scale
+            plan.rewrite_scale(name, lambda t, n=name, a=axis: _rescaled(t, a, scales, multiply=False, name=n))
 
         readers = [arch.norm_pattern(role) for role in arch.residual_readers]
         for norm in (n for pattern in readers for n in plan.expand(pattern)):

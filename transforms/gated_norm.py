@@ -52,7 +52,7 @@ class GatedNorm(NormTransform):
     def rewrite_norm(self, plan: Plan, norm: str) -> None:
         weight = plan.require(f"{norm}.weight").spec
         (d,) = weight.shape
-        plan.rewrite(weight.name, lambda w: w * 2)
+        plan.rewrite_scale(weight.name, lambda w: w * 2)  # λ ← 2λ (Gemma: 1 + w ← 2(1 + w))
         down, up = f"{norm}.gate_down.weight", f"{norm}.gate_up.weight"
         std = 1.0 / math.sqrt(d)
 

@@ -1,9 +1,10 @@
-"""SwiGLU → GLU, annealed (DESIGN §3).
+"""SwiGLU / GeGLU → GLU, annealed (DESIGN §3).
 
-    SwiGLU   down(up(x) ⊙ silu(gate(x)))          GLU   down(up(x) ⊙ σ(gate(x)))
-    act_α(z) = (1 − α)·silu(z) + α·σ(z)           α = 0: silu (bit for bit);  α = 1: σ (bit for bit)
+    SwiGLU   down(up(x) ⊙ φ(gate(x)))              GLU   down(up(x) ⊙ σ(gate(x)))
+    act_α(z) = (1 − α)·φ(z) + α·σ(z)               α = 0: φ (bit for bit);  α = 1: σ (bit for bit)
 
-silu(z) = z·σ(z), so the two differ and cannot be swapped without changing the function: the MLP activation of
+φ is the family's activation: silu for SwiGLU (Llama, Qwen, Mistral…), a GELU for GeGLU (Gemma's
+gelu_pytorch_tanh); it is recorded in the surgeon block (`from`). φ(z) ≠ σ(z), so the two differ and cannot be swapped without changing the function: the MLP activation of
 every dense MLP, expert and shared expert (the architecture data's `mlp.activation_modules`) becomes act_α, with
 α in the config (`surgeon.glu.alpha`) and in a non-persistent buffer of each activation module, which a trainer
 drives from 0 to 1 (`surgeon.modeling.set_glu_alpha`). No tensor changes and none is added.
@@ -27,7 +28,8 @@ from surgeon.plan import Plan
 
 from .base import Option, Pass
 
-SWIGLU_ACTIVATIONS = ("silu", "swish")
+# the gated-MLP activations a GLU anneal can start from: SwiGLU's and GeGLU's (transformers' ACT2FN names)
+GATED_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_accurate")
 
 
 @dataclass
@@ -36,7 +38,7 @@ class GLU(Pass):
     name = "glu"
     key = "glu"
     options = (Option(("--glu-alpha",), "alpha", dict(
-        type=float, default=0.0, help="α of act_α = (1−α)·silu + α·σ: 0 (default) keeps the function for "
+        type=float, default=0.0, help="α of act_α = (1−α)·φ + α·σ (φ: the MLP's silu or GELU): 0 (default) keeps the function for "
                                       "annealing in training; 1 converts to GLU directly (changes the function; a "
                                       "stock model if nothing else is added)")),)
 
@@ -67,8 +69,9 @@ class GLU(Pass):
         act = plan.config.get(act_key)
         if act == GLU_ACTIVATION:
             raise SurgeonError(f"the model already is a GLU model ({act_key}: {act!r}): nothing to anneal")
-        if act not in SWIGLU_ACTIVATIONS:
-            raise SurgeonError(f"glu anneals a SwiGLU MLP ({act_key}: 'silu'); this model's {act_key} is {act!r}")
+        if act not in GATED_ACTIVATIONS:
+            raise SurgeonError(f"glu anneals a SwiGLU or GeGLU MLP ({act_key} one of {', '.join(GATED_ACTIVATIONS)}); "
+                               f"this model's {act_key} is {act!r}")
         if self.alpha == 1.0:
             warnings.warn("glu at α = 1 changes the function: the MLPs become GLU (sigmoid); continued training, "
                           "not this conversion, recovers the model's quality", stacklevel=2)
@@ -81,8 +84,12 @@ class GLU(Pass):
 
     @classmethod
     def describe(cls, block: dict, *, text: str = "calibration") -> str:
-        return f"SwiGLU annealed towards GLU, α {block['alpha']:g}"
+        return f"{_family(block)} annealed towards GLU, α {block['alpha']:g}"
 
     @classmethod
     def card_row(cls, block: dict) -> tuple[str, str]:
-        return "SwiGLU → GLU, α", f"{block['alpha']:g}"
+        return f"{_family(block)} → GLU, α", f"{block['alpha']:g}"
+
+
+def _family(block: dict) -> str:
+    return "SwiGLU" if block.get("from", "silu") in ("silu", "swish") else "GeGLU"

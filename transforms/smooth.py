@@ -83,6 +83,29 @@ def _scaled(t: torch.Tensor, axis: int, s: torch.Tensor, *, multiply: bool, name
     return out
 
 
+def _compensation(stored: torch.Tensor, s: torch.Tensor, offset: float) -> torch.Tensor:
+    """The readers' factor where the norm stores λ − offset (Gemma): λ/s is exact (s a power of two), but the stored
+    λ/s − offset is rounded wherever λ/s is far from the offset, so the model scales by λ' ≠ λ/s. Multiplying the
+    readers by λ/λ' (fp64; equal to s wherever nothing was rounded) keeps λ'·W' = λ·W to one rounding of W'."""
+    lam = stored.float() + offset  # as the family computes its scale, in fp32
+    lam_new = ((lam / s.float()) - offset).to(stored.dtype).float() + offset
+    if bool(((lam_new == 0) & (lam != 0)).any()):
+        raise SurgeonError(f"smoothing a norm that stores λ − {offset:g} rounds a channel's λ/s to 0 in "
+                           f"{str(stored.dtype).removeprefix('torch.')}: use a smaller --smooth-alpha or a wider "
+                           "--dtype; nothing was written")
+    # a dead channel (λ = 0, real in Gemma 3) stays dead whatever its readers' columns are: they take s as elsewhere
+    return torch.where(lam == 0, s.double(), lam.double() / lam_new.double().where(lam_new != 0, 1.0))
+
+
+def _multiplied(t: torch.Tensor, factor: torch.Tensor, *, name: str) -> torch.Tensor:
+    """`t` with column j multiplied by factor_j, rounded once from fp64 (refused where that overflows)."""
+    out = (t.double() * factor.reshape([1] * (t.dim() - 1) + [-1])).to(t.dtype)
+    if not bool((out.isfinite() | ~t.isfinite()).all()):
+        raise SurgeonError(f"smoothing {name} overflows {str(t.dtype).removeprefix('torch.')}: use a smaller "
+                           "--smooth-alpha or a wider --dtype; nothing was written")
+    return out
+
+
 @dataclass
 class Smooth(Pass):
     """Fold SmoothQuant scales into the weights; see the module docstring. data: calibration text (required), a
@@ -201,11 +224,19 @@ class Smooth(Pass):
         factors = {}
         for point in points:
             s = scales[point["point"]]
-            for name, axis in point["divide"]:
-                plan.rewrite(name, lambda t, n=name, a=axis, s=s: _scaled(t, a, s, multiply=False, name=n))
-                factors[f"{name}@{axis}"] = 1 / s
+            compensate = None
+            for name, axis in point["divide"]:  # a norm's λ (Gemma: 1 + w), through rewrite_scale
+                offset = plan.arch.norm_offset_of(name)
+                if offset:
+                    compensate = _compensation(plan.tensors[name].produce(), s, offset)
+                plan.rewrite_scale(name, lambda t, n=name, a=axis, s=s: _scaled(t, a, s, multiply=False, name=n))
+                if not offset:  # stored = factor ⊙ source only where nothing is added
+                    factors[f"{name}@{axis}"] = 1 / s
             for name in point["readers"]:
-                plan.rewrite(name, lambda t, n=name, s=s: _scaled(t, -1, s, multiply=True, name=n))
+                if compensate is None:
+                    plan.rewrite(name, lambda t, n=name, s=s: _scaled(t, -1, s, multiply=True, name=n))
+                else:
+                    plan.rewrite(name, lambda t, n=name, c=compensate: _multiplied(t, c, name=n))
                 factors[f"{name}@-1"] = s
         if previous is not None:  # the factors from the source weights: the earlier rounds' times this one's
             factors = {k: previous.get(k, 1) * factors.get(k, 1) for k in {**previous, **factors}}

@@ -18,6 +18,11 @@ pass; a family whose experts are fused parameters has none. `attention` names th
 input is what q/k/v read), its output projection (`output`) and the config key of its head count (`heads`), for the
 gated-attention pass.
 
+`norm_offset` (default 0) is what a norm adds to its stored weight: Gemma's norms compute `x·(1 + w)` and store w, so
+their scale λ is `norm_offset + weight`. Every rewrite of a norm's scale (GatedNorm's doubling, absorb's and smooth's
+rescaling) acts on λ, through `norm_offset_of`. A residual writer may be a norm (Gemma's post-attention and
+post-feed-forward norms: the layer adds their output to the stream); its λ's axis -1 is then the residual dimension.
+
 Derived from the patterns: `layers`, the module path of the decoder-layer list (what precedes `.*` in every
 per-layer pattern), and each residual reader's key in scan.json (`reader_key`: its module name inside the layer,
 e.g. the pre-attention norm's, or the role for a norm outside the layers, such as "final"). Code that walks a
@@ -55,6 +60,7 @@ class Architecture:
     norm_readers: dict[str, tuple[str, ...]] = field(default_factory=dict)
     linear_inputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
     attention: dict[str, str] = field(default_factory=dict)
+    norm_offset: float = 0.0
     layers: str = ""
 
     @classmethod
@@ -77,6 +83,7 @@ class Architecture:
             norm_readers={k: tuple(v) for k, v in data.get("norm_readers", {}).items()},
             linear_inputs={k: tuple(v) for k, v in data.get("linear_inputs", {}).items()},
             attention=dict(data.get("attention", {})),
+            norm_offset=float(data.get("norm_offset", 0.0)),
             layers=_layers_path(data),
         )
 
@@ -100,19 +107,27 @@ class Architecture:
         pattern = self.norm_pattern(role)
         return pattern.removeprefix(f"{self.layers}.*.") if "*" in pattern else role
 
+    def norm_offset_of(self, tensor: str) -> float:
+        """What the model adds to the stored tensor before scaling by it: `norm_offset` for a norm's weight, else 0."""
+        if not self.norm_offset or not tensor.endswith(".weight"):
+            return 0.0
+        module = tensor.removesuffix(".weight")
+        return self.norm_offset if any(pattern_regex(p).match(module) for p in self.norms.values()) else 0.0
+
     @property
     def activation_modules(self) -> tuple[str, ...]:
         return tuple(self.mlp.get("activation_modules", ()))
 
     def residual_writer_tensors(self, names, config: dict) -> list[tuple[str, int]]:
         """Every tensor among `names` that writes the residual stream, with the axis holding the residual dimension
-        (the embedding excluded). Raises when the data describes no writers or a layer lacks one of them."""
+        (the embedding excluded; -1 for a bias and for a writer that is a norm). Raises when the data describes no writers or a layer lacks one of them."""
         if not self.residual_writers:
             raise SurgeonError(f"the {self.model_type} architecture data describes no residual writers "
                                f"(residual_writers in surgeon/architectures/{self.model_type}.json)")
         names = list(names)
         found: dict[str, int] = {}
         layers = range(self.num_layers(config))
+        norms = set(self.norms.values())
         for writer in self.residual_writers:
             covered: set[int] = set()
             for pattern in (writer, *self.residual_writer_alternatives.get(writer, ())):
@@ -121,7 +136,7 @@ class Architecture:
                     match = regex.match(name)
                     if match:
                         covered.add(int(match.group(1)) if regex.groups else -1)
-                        found[name] = -1 if name.endswith("bias") else -2
+                        found[name] = -1 if name.endswith("bias") or pattern in norms else -2
             missing = [i for i in layers if i not in covered] if "*" in writer else ([] if covered else [None])
             if missing:
                 where = f" in layer {missing[0]}" if missing[0] is not None else ""

@@ -6,10 +6,12 @@ through `surgeon.kernels` (fused Triton on CUDA); otherwise through the torch re
 definition both paths must match.
 
     RMSNorm      N(x)  = λ ⊙ x / sqrt(mean(x²) + ε)          (computed in fp32, as the stock families do)
+                 λ = w, or λ = 1 + w in Gemma (`norm_offset` 1: the stored w is 0 at the identity)
     PreAffine    N(λ1 ⊙ x)                                    identity at λ1 = 1
     GatedNorm    y = N(x);  out = y ⊙ σ(W_up · silu(W_down · y))
                  identity at W_up = 0 with λ doubled (σ(0) = ½; a power of two, exact in every float format)
-    GLU anneal   act_α(z) = (1 − α)·silu(z) + α·σ(z)           silu at α = 0 (bit for bit), σ at α = 1
+    GLU anneal   act_α(z) = (1 − α)·φ(z) + α·σ(z)              φ at α = 0 (bit for bit), σ at α = 1; φ is the
+                 family's activation: silu (SwiGLU) or gelu_pytorch_tanh (Gemma's GeGLU)
     Hadamard     a linear reads x·H and stores W·H (H orthonormal, symmetric, block-diagonal): (x·H)(W·H)ᵀ = x·Wᵀ
     GatedAttn    o_proj(a ⊙ σ(x·W_gᵀ)), x the attention's input (what q/k/v read), a the attention output;
                  W_g (heads·head_dim or heads, d) = 0 with o_proj's weight doubled is the identity (σ(0) = ½)
@@ -17,7 +19,7 @@ definition both paths must match.
 `config.surgeon` says which modules carry what: `{"gated_norm": {"rank": r, "targets": [...]},
 "pre_affine": {"targets": [...]}, "glu": {"alpha": α, "targets": [...]}}`, targets being module names with `*`
 standing for a layer index (for "glu": the modules whose `act_fn` is the MLP activation — dense MLP, experts,
-shared expert). α lives in the config and, in the model, in a non-persistent buffer of every annealed activation:
+shared expert; its "from" names φ). `{"norm_offset": 1.0}` says the family's norms scale by offset + w (Gemma). α lives in the config and, in the model, in a non-persistent buffer of every annealed activation:
 a trainer moves it with `set_glu_alpha(model, α)`, which keeps the two in step, so a saved model says its α.
 A model whose `hidden_act` already is "sigmoid" (α = 1, exported) runs the stock activation.
 `{"hadamard": {"groups": {name: {"linears": [...], "block": b}}}}` names the linears whose input is rotated online
@@ -45,6 +47,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -71,19 +77,22 @@ GLU_ACTIVATION = "sigmoid"  # the stock `hidden_act` of a GLU model: what act_α
 # ----------------------------------------------------------------------------- reference math
 
 
-def rms_norm_reference(x, weight, eps, pre_affine=None):
-    """N(λ1 ⊙ x): fp32 statistics, output in x's dtype times λ, exactly as transformers' LlamaRMSNorm."""
+def rms_norm_reference(x, weight, eps, pre_affine=None, offset=0.0):
+    """N(λ1 ⊙ x): fp32 statistics, output in x's dtype times λ, exactly as transformers' LlamaRMSNorm; with an
+    offset (Gemma), λ = offset + w and the product is taken in fp32 before the cast, exactly as Gemma's RMSNorm."""
     dtype = x.dtype
     h = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 statistics; float64 stays float64
     if pre_affine is not None:
         h = h * pre_affine.to(h.dtype)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        return (h * (offset + weight.to(h.dtype))).to(dtype)
     return weight * h.to(dtype)
 
 
-def gated_norm_reference(x, weight, w_down, w_up, eps, pre_affine=None):
+def gated_norm_reference(x, weight, w_down, w_up, eps, pre_affine=None, offset=0.0):
     """g ⊙ N(λ1 ⊙ x) with g = σ(W_up silu(W_down y)); w_down is (r, d), w_up is (d, r), as nn.Linear weights."""
-    y = rms_norm_reference(x, weight, eps, pre_affine)
+    y = rms_norm_reference(x, weight, eps, pre_affine, offset)
     gate = torch.sigmoid(F.linear(F.silu(F.linear(y, w_down)), w_up))
     return y * gate
 
@@ -241,12 +250,15 @@ def _kernels():
 class SurgeonRMSNorm(nn.Module):
     """RMSNorm carrying an optional PreAffine vector (`pre_affine`) and an optional gate (`gate_down`, `gate_up`).
 
-    `weight` keeps the stock name, so the base family's checkpoint keys still apply.
+    `weight` keeps the stock name, so the base family's checkpoint keys still apply; the scale is
+    `weight_offset + weight` (Gemma stores w of x·(1 + w)).
     """
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, gate_rank: int = 0, pre_affine: bool = False):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, gate_rank: int = 0, pre_affine: bool = False,
+                 offset: float = 0.0):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.weight = nn.Parameter(torch.full((hidden_size,), 1.0 - offset))
+        self.weight_offset = float(offset)
         self.variance_epsilon = eps
         self.pre_affine = nn.Parameter(torch.ones(hidden_size)) if pre_affine else None
         self.gate_rank = gate_rank
@@ -258,7 +270,7 @@ class SurgeonRMSNorm(nn.Module):
     def reset_parameters(self):
         """The identity initialization, λ = 1, λ1 = 1, W_up = 0, W_down ~ N(0, 1/d); through transformers'
         guarded initializers, so it never overwrites weights loaded from a checkpoint."""
-        init.ones_(self.weight)
+        init.constant_(self.weight, 1.0 - self.weight_offset)  # λ = 1
         if self.pre_affine is not None:
             init.ones_(self.pre_affine)
         if self.gate_rank:
@@ -267,16 +279,28 @@ class SurgeonRMSNorm(nn.Module):
 
     def forward(self, x):
         kernels = _kernels()
+        if self.weight_offset:
+            # the kernels take λ itself; the reference keeps Gemma's fp32 product, so it is the one on CPU
+            if kernels and x.is_cuda:
+                return self._forward(kernels, x, self.weight + self.weight_offset)
+            return self._forward(False, x, self.weight, self.weight_offset)
+        return self._forward(kernels, x, self.weight)
+
+    def _forward(self, kernels, x, weight, offset=0.0):
         if self.gate_rank:
-            fn = kernels.gated_norm if kernels else gated_norm_reference
-            return fn(x, self.weight, self.gate_down.weight, self.gate_up.weight, self.variance_epsilon,
-                      pre_affine=self.pre_affine)
+            if kernels:
+                return kernels.gated_norm(x, weight, self.gate_down.weight, self.gate_up.weight,
+                                          self.variance_epsilon, pre_affine=self.pre_affine)
+            return gated_norm_reference(x, weight, self.gate_down.weight, self.gate_up.weight, self.variance_epsilon,
+                                        pre_affine=self.pre_affine, offset=offset)
         if kernels and self.pre_affine is not None:
-            return kernels.pre_affine_rms_norm(x, self.weight, self.pre_affine, self.variance_epsilon)
-        return rms_norm_reference(x, self.weight, self.variance_epsilon, self.pre_affine)
+            return kernels.pre_affine_rms_norm(x, weight, self.pre_affine, self.variance_epsilon)
+        return rms_norm_reference(x, weight, self.variance_epsilon, self.pre_affine, offset)
 
     def extra_repr(self):
         extras = [f"{self.weight.shape[0]}", f"eps={self.variance_epsilon}"]
+        if self.weight_offset:
+            extras.append(f"offset={self.weight_offset}")
         if self.pre_affine is not None:
             extras.append("pre_affine")
         if self.gate_rank:
@@ -287,17 +311,29 @@ class SurgeonRMSNorm(nn.Module):
 # ----------------------------------------------------------------------------- the annealed activation
 
 
-def annealed_glu_reference(z, alpha):
-    """act_α(z) = (1 − α)·silu(z) + α·σ(z): exactly F.silu at α = 0 and exactly torch.sigmoid at α = 1."""
-    return (1 - alpha) * F.silu(z) + alpha * torch.sigmoid(z)
+def annealed_glu_reference(z, alpha, base=F.silu):
+    """act_α(z) = (1 − α)·φ(z) + α·σ(z): exactly φ at α = 0 and exactly torch.sigmoid at α = 1."""
+    return (1 - alpha) * base(z) + alpha * torch.sigmoid(z)
+
+
+def glu_base_activation(name: str):
+    """φ, the activation a GLU anneal starts from, by its config name (silu/swish, or a transformers ACT2FN key)."""
+    if name in ("silu", "swish"):
+        return F.silu
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
 
 
 class AnnealedGLUActivation(nn.Module):
-    """The MLP activation while SwiGLU is annealed into GLU; `alpha` is a buffer (not saved: the config holds α)."""
+    """The MLP activation while SwiGLU/GeGLU is annealed into GLU; `alpha` is a buffer (not saved: the config
+    holds α); `base` names φ, the family's activation."""
 
-    def __init__(self, alpha: float = 0.0):
+    def __init__(self, alpha: float = 0.0, base: str = "silu"):
         super().__init__()
         self.initial_alpha = float(alpha)
+        self.base = base
+        self._base_fn = glu_base_activation(base)
         self.register_buffer("alpha", torch.tensor(float(alpha)), persistent=False)
 
     @torch.no_grad()
@@ -306,10 +342,10 @@ class AnnealedGLUActivation(nn.Module):
         self.alpha.fill_(self.initial_alpha)
 
     def forward(self, z):
-        return annealed_glu_reference(z, self.alpha)
+        return annealed_glu_reference(z, self.alpha, self._base_fn)
 
     def extra_repr(self):
-        return f"alpha={self.initial_alpha}"
+        return f"alpha={self.initial_alpha}, from={self.base}"
 
 
 def target_regex(patterns):
@@ -326,6 +362,7 @@ def install_norms(model: nn.Module, surgeon: dict) -> list[str]:
     rank = int(gated.get("rank", 0))
     gated_re = target_regex(gated.get("targets"))
     pre_re = target_regex(((surgeon or {}).get("pre_affine") or {}).get("targets"))
+    offset = float((surgeon or {}).get("norm_offset", 0.0))
     replaced = []
     for name, module in list(model.named_modules()):
         has_gate = bool(gated_re and gated_re.match(name))
@@ -336,7 +373,8 @@ def install_norms(model: nn.Module, surgeon: dict) -> list[str]:
         if weight is None or weight.dim() != 1:
             raise ValueError(f"surgeon: target {name!r} is not a norm with a 1-d weight ({type(module).__name__})")
         eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
-        norm = SurgeonRMSNorm(weight.shape[0], eps, gate_rank=rank if has_gate else 0, pre_affine=has_pre)
+        norm = SurgeonRMSNorm(weight.shape[0], eps, gate_rank=rank if has_gate else 0, pre_affine=has_pre,
+                              offset=offset)
         norm.to(device=weight.device, dtype=weight.dtype)
         model.set_submodule(name, norm)
         replaced.append(name)
@@ -382,7 +420,7 @@ def install_activations(model: nn.Module, config) -> list[str]:
     replaced = []
     for name, module in list(model.named_modules()):
         if regex and regex.match(name) and isinstance(getattr(module, "act_fn", None), nn.Module):
-            module.act_fn = AnnealedGLUActivation(glu.get("alpha", 0.0))
+            module.act_fn = AnnealedGLUActivation(glu.get("alpha", 0.0), glu.get("from", "silu"))
             replaced.append(f"{name}.act_fn")
     if not replaced:
         raise ValueError(f"surgeon: no module matching {glu.get('targets')} has an act_fn to anneal")
@@ -460,8 +498,7 @@ def surgeon_model_type(base_model_type: str) -> str:
     return f"{SURGEON_PREFIX}{base_model_type}"
 
 
-# One pair per base family whose norms are the plain RMSNorm above (weight applied as is) and whose MLPs are
-# SwiGLU (the families surgeon/architectures/ describes): the stock classes plus the mixin, nothing copied.
+# One pair per base family surgeon/architectures/ describes: the stock classes plus the mixin, nothing copied.
 class SurgeonLlamaConfig(LlamaConfig): model_type = "surgeon_llama"  # noqa: E701
 class SurgeonLlamaForCausalLM(SurgeonMixin, LlamaForCausalLM): config_class = SurgeonLlamaConfig  # noqa: E701
 class SurgeonMistralConfig(MistralConfig): model_type = "surgeon_mistral"  # noqa: E701
@@ -478,6 +515,11 @@ class SurgeonQwen3MoeConfig(Qwen3MoeConfig): model_type = "surgeon_qwen3_moe"  #
 class SurgeonQwen3MoeForCausalLM(SurgeonMixin, Qwen3MoeForCausalLM): config_class = SurgeonQwen3MoeConfig  # noqa: E701
 class SurgeonSmolLM3Config(SmolLM3Config): model_type = "surgeon_smollm3"  # noqa: E701
 class SurgeonSmolLM3ForCausalLM(SurgeonMixin, SmolLM3ForCausalLM): config_class = SurgeonSmolLM3Config  # noqa: E701
+# Gemma: norms scale by 1 + w (config.surgeon["norm_offset"]) and the MLP is GeGLU; the same stock-plus-mixin pair
+class SurgeonGemma2Config(Gemma2Config): model_type = "surgeon_gemma2"  # noqa: E701
+class SurgeonGemma2ForCausalLM(SurgeonMixin, Gemma2ForCausalLM): config_class = SurgeonGemma2Config  # noqa: E701
+class SurgeonGemma3TextConfig(Gemma3TextConfig): model_type = "surgeon_gemma3_text"  # noqa: E701
+class SurgeonGemma3ForCausalLM(SurgeonMixin, Gemma3ForCausalLM): config_class = SurgeonGemma3TextConfig  # noqa: E701
 
 
 BASE_MODEL_TYPES = tuple(CLASSES)
