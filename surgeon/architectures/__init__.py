@@ -120,7 +120,8 @@ class Architecture:
 
     def residual_writer_tensors(self, names, config: dict) -> list[tuple[str, int]]:
         """Every tensor among `names` that writes the residual stream, with the axis holding the residual dimension
-        (the embedding excluded; -1 for a bias and for a writer that is a norm). Raises when the data describes no writers or a layer lacks one of them."""
+        (the embedding excluded; -1 for a bias and for a writer that is a norm). Raises when the data describes no
+        writers or a layer lacks one of them."""
         if not self.residual_writers:
             raise SurgeonError(f"the {self.model_type} architecture data describes no residual writers "
                                f"(residual_writers in surgeon/architectures/{self.model_type}.json)")
