@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -64,8 +65,10 @@ def text(tmp_path_factory):
 
 def test_a_pass_that_helps_is_kept(outlier, text):
     choice = choose(outlier, [PreAffine()], [text], target="int4", **KW)
-    base, *rest = choice.trials
-    assert base.verdict == "base" and base.label == "base: pre-affine"
+    source, base, *rest = choice.trials
+    assert source.verdict == "source" and source.passes == [] and base.verdict == "base"
+    assert base.label == "base: pre-affine"
+    assert source.error["int4"] == pytest.approx(base.error["int4"], rel=1e-4)  # an identity PreAffine: the same model
     smooth = [t for t in rest if t.stage == "smooth"]
     kept = [t for t in smooth if t.verdict == "kept"]
     assert len(kept) == 1 and kept[0].error["int4"] < base.error["int4"] / 4  # the planted outlier, moved
@@ -77,7 +80,7 @@ def test_a_pass_that_helps_is_kept(outlier, text):
 
 def test_a_pass_that_hurts_is_dropped(on_grid, text):
     choice = choose(on_grid, [PreAffine()], [text], target="int4", **KW)
-    base = choice.trials[0]
+    base = choice.trials[1]
     rotated = next(t for t in choice.trials if t.label == "hadamard all")
     assert rotated.error["int4"] > 1.5 * base.error["int4"] and rotated.verdict == "worse"
     assert all(t.verdict == "worse" for t in choice.trials if t.stage == "smooth")
@@ -90,14 +93,58 @@ def test_both_formats_must_be_lower_and_the_table_says_what_was_decided(outlier,
     assert not lowers({"nvfp4": 1.0, "int4": 3.5}, {"nvfp4": 1.5, "int4": 3.0})  # INT4 better, NVFP4 worse: no
     choice = choose(outlier, [PreAffine()], [text], target="both", hadamard=False, **KW)
     assert set(choice.trials[0].figures) == {"nvfp4", "int4"}
-    for trial in choice.trials[1:]:
-        assert (trial.verdict != "worse") == lowers(trial.error, choice.trials[0].error)
+    for trial in choice.trials[2:]:
+        assert (trial.verdict != "worse") == lowers(trial.error, choice.trials[1].error)
     lines = markdown(choice)
     assert lines[0] == "| stage | candidate | NVFP4 W4A4 KL | NVFP4 ppl | INT4 W4A4 KL | INT4 ppl | verdict |"
-    assert len(lines) == 2 + 1 + 3 and "**kept**" in "".join(lines)
-    assert table(choice).row_count == 4
+    assert len(lines) == 2 + 2 + 3 and "**kept**" in "".join(lines) and "for comparison" in lines[2]
+    assert table(choice).row_count == 5
     with pytest.raises(SurgeonError, match="unknown --format 'fp8'"):
         choose(outlier, [], [text], target="fp8", **KW)
+
+
+# per pass, its planted change of the (NVFP4, INT4) error: attention_out helps INT4 most but hurts NVFP4, so "all"
+# is not lower in both; smooth α 0.5 hurts NVFP4 alone and helps beneath a rotation
+EFFECT = {"attention_in": (-0.02, -1.0), "attention_out": (0.1, -3.0), "mlp_in": (-0.01, -0.5),
+          "mlp_out": (-0.03, -4.0)}
+
+
+def _planted(source, passes, ids, formats, out, label, show, reference):
+    nvfp4, int4_ = 1.0, 10.0
+    names = [p.name for p in passes]
+    for p in passes:
+        if p.name == "hadamard":
+            for g in p.groups:
+                nvfp4, int4_ = nvfp4 + EFFECT[g][0], int4_ + EFFECT[g][1]
+        if p.name == "smooth" and p.alpha == 0.5:
+            nvfp4 += -0.01 if "hadamard" in names else 0.01
+            int4_ -= 0.5
+        if p.name == "smooth" and p.alpha == 0.8:
+            nvfp4 += 0.05
+    figures = {"nvfp4": nvfp4, "int4": int4_}
+    return {f: {"kl": figures[f], "perplexity": math.exp(figures[f])} for f in formats}
+
+
+def test_hadamard_groups_by_forward_selection_then_smooth_again_beneath_them(outlier, text, monkeypatch):
+    """The search, on planted errors: each group that lowers both formats is added while one does, the group that
+    hurts NVFP4 is left out (with it "all" was not lower), and smooth is retried beneath the kept rotation."""
+    import surgeon.choose
+
+    monkeypatch.setattr(surgeon.choose, "_measure", _planted)
+    choice = choose(outlier, [PreAffine()], [text], target="both", alphas=(0.5, 0.8), **KW)
+    rows = {t.label: t.verdict for t in choice.trials}
+    assert rows["hadamard all"] == "worse" and rows["hadamard attention_out"] == "worse"
+    assert rows["smooth α 0.5"] == "worse" and rows["smooth α 0.8"] == "worse"
+    assert rows["hadamard mlp_out"] == "kept" and rows["hadamard attention_in"] == "dropped"
+    assert rows["hadamard attention_in + mlp_out"] == "kept"
+    assert rows["hadamard attention_in + attention_out + mlp_out"] == "worse"
+    assert rows["hadamard attention_in + mlp_in + mlp_out"] == "kept"
+    assert "hadamard attention_in + attention_out + mlp_in + mlp_out" not in rows  # that is "all", measured first
+    assert rows["smooth α 0.5 beneath hadamard attention_in + mlp_in + mlp_out"] == "kept"
+    assert rows["smooth α 0.8 beneath hadamard attention_in + mlp_in + mlp_out"] == "worse"
+    assert choice.labels() == ["smooth α 0.5", "hadamard attention_in + mlp_in + mlp_out"]
+    assert [p.name for p in choice.passes] == ["smooth", "hadamard"] and choice.passes[0].alpha == 0.5
+    assert choice.passes[1].groups == ("attention_in", "mlp_in", "mlp_out")
 
 
 def test_convert_auto_prints_the_table_and_writes_what_it_kept(outlier, text, tmp_path, capsys):
@@ -134,7 +181,8 @@ def test_the_pipeline_converts_with_what_the_chooser_kept_and_reports_it(outlier
     assert block["smooth"]["alpha"] == result.choice.passes[0].alpha
     saved = json.loads((tmp_path / "run" / "choice.json").read_text())
     assert saved["kept"] == result.choice.labels() and saved["formats"] == ["nvfp4", "int4"]
-    assert [t["label"] for t in saved["trials"]][:3] == ["base: pre-affine", "smooth α 0.5", "smooth α 0.8"]
+    assert [t["label"] for t in saved["trials"]][:4] == ["the source, unconverted", "base: pre-affine", "smooth α 0.5",
+                                                        "smooth α 0.8"]
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## Passes chosen by measurement" in report and "| smooth | smooth α 0.5 |" in report
     assert result.verify["ok"] and "choose" in result.stages
