@@ -20,6 +20,7 @@ COMMANDS = {
     "pipeline": "the main job: scan → convert → verify → train → export → eval → report",
     "train": "continued pretraining (DeepSpeed) that measures the outliers as it goes",
     "export": "consolidate a training run's checkpoint into a Hugging Face model directory",
+    "quantize": "write a compressed-tensors W4 checkpoint (NVFP4, INT4) that serving engines load",
 }
 
 

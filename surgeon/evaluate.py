@@ -25,7 +25,11 @@ class ModelEval:
     perplexity: dict[str, float] = field(default_factory=dict)  # format -> ppl
     layers_quantized: dict[str, int] = field(default_factory=dict)
 
-    def ratio(self, fmt: str) -> float:
+    def ratio(self, fmt: str) -> float | None:
+        """To the model's own unquantized perplexity; None for a deployed checkpoint, which has none (its weights
+        are already 4-bit)."""
+        if "none" not in self.perplexity:
+            return None
         return self.perplexity[fmt] / self.perplexity["none"]
 
 
@@ -62,8 +66,21 @@ def evaluate_model(model, windows: list[torch.Tensor], formats: tuple[str, ...] 
     return result
 
 
+def evaluate_deployed(model, windows: list[torch.Tensor], scheme: str, *, name: str = "",
+                      advance=lambda n=1: None) -> ModelEval:
+    """Perplexity of a loaded compressed-tensors checkpoint (surgeon.deploy.load_compressed) as its format computes
+    it, under the key "deployed <scheme>"."""
+    result = ModelEval(model=name, tokens=0)
+    ppl, result.tokens = perplexity(model, windows)
+    result.perplexity[f"deployed {scheme}"] = ppl
+    result.layers_quantized[f"deployed {scheme}"] = sum(
+        1 for m in model.modules() if getattr(m, "quantization_scheme", None) is not None)
+    advance(1)
+    return result
+
+
 def save(results: list[ModelEval], path: Path) -> Path:
-    data = [{**asdict(r), "ratio": {f: r.ratio(f) for f in r.perplexity}} for r in results]
+    data = [{**asdict(r), "ratio": {f: r.ratio(f) for f in r.perplexity if r.ratio(f) is not None}} for r in results]
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
 
@@ -76,9 +93,16 @@ def table(results: list[ModelEval], title: str = "perplexity (ratio to the model
     t.add_column("model")
     for fmt in formats:
         label = fmt.removesuffix("+sq").upper() + " W4A4" + (" +SmoothQuant" if fmt.endswith("+sq") else "")
-        t.add_column("fp" if fmt == "none" else label, justify="right")
+        t.add_column("fp" if fmt == "none" else fmt if fmt.startswith("deployed") else label, justify="right")
     for r in results:
-        cells = [f"{r.perplexity['none']:.2f}"]
-        cells += [f"{r.perplexity[f]:,.1f} (×{r.ratio(f):.2f})" for f in formats if f != "none"]
-        t.add_row(r.model, *cells)
+        t.add_row(r.model, *[_cell(r, f) for f in formats])
     return t
+
+
+def _cell(r: ModelEval, fmt: str) -> str:
+    if fmt not in r.perplexity:
+        return "—"
+    if fmt == "none":
+        return f"{r.perplexity['none']:.2f}"
+    ratio = r.ratio(fmt)
+    return f"{r.perplexity[fmt]:,.1f}" + ("" if ratio is None else f" (×{ratio:.2f})")

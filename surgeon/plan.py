@@ -21,6 +21,14 @@ from .io import Checkpoint, TensorSpec
 Producer = Callable[[], torch.Tensor]
 
 
+def offset_scale(stored: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor],
+                 offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a norm that stores λ − offset: (the tensor stored for the scale fn(λ), the λ' it computes in fp32 — not
+    fn(λ) wherever fn(λ) − offset rounds in the stored dtype)."""
+    new = (fn(stored.float() + offset) - offset).to(stored.dtype)
+    return new, new.float() + offset
+
+
 @dataclass
 class PlannedTensor:
     spec: TensorSpec
@@ -79,7 +87,7 @@ class Plan:
         if not offset:
             self.rewrite(name, fn)
             return
-        self.rewrite(name, lambda t: (fn(t.float() + offset) - offset).to(t.dtype))
+        self.rewrite(name, lambda t: offset_scale(t, fn, offset)[0])
 
     def add(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, produce: Producer, after: str) -> None:
         if name in self.tensors:

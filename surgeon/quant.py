@@ -63,11 +63,16 @@ def _blocks(x: torch.Tensor, size: int) -> tuple[torch.Tensor, int]:
     return x.reshape(*x.shape[:-1], -1, size), d
 
 
-def nvfp4(x: torch.Tensor, *, per_row: bool) -> torch.Tensor:
-    """NVFP4 fake quantization along the last dimension; one FP32 scale per row (`per_row`) or per tensor."""
+def nvfp4(x: torch.Tensor, *, per_row: bool, amax: float | None = None) -> torch.Tensor:
+    """NVFP4 fake quantization along the last dimension; one FP32 scale per row (`per_row`) or per tensor, from
+    the tensor's own amax or, given `amax`, a fixed one (static: a serving engine's calibrated input global scale;
+    blocks above it saturate at E4M3's 448 and E2M1's 6)."""
     dtype = x.dtype
     xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True) if per_row else xf.abs().amax()
+    if amax is not None:
+        amax, per_row = torch.tensor(float(amax)), False
+    else:
+        amax = xf.abs().amax(dim=-1, keepdim=True) if per_row else xf.abs().amax()
     s_t = (amax / (E2M1_MAX * E4M3_MAX)).clamp(min=TINY)
     blocks, d = _blocks(xf, NVFP4_BLOCK)
     s_t_b = s_t.unsqueeze(-1) if per_row else s_t
@@ -185,13 +190,17 @@ def smoothquant_scales(model: nn.Module, windows, alpha: float = SMOOTH_ALPHA,
 
 @contextmanager
 def fake_quantized(model: nn.Module, fmt: str, skip: tuple[str, ...] = DEFAULT_SKIP,
-                   smooth: dict[str, torch.Tensor] | None = None) -> Iterator[int]:
+                   smooth: dict[str, torch.Tensor] | None = None,
+                   inputs: dict[str, float] | None = None) -> Iterator[int]:
     """Within the block, every linear layer (but `skip`) has W4 weights and A4 inputs; restored on exit.
-    `smooth` ({layer name: s}, smoothquant_scales) quantizes x / s and W · s instead. Yields the number of layers
-    quantized."""
+    `smooth` ({layer name: s}, smoothquant_scales) quantizes x / s and W · s instead. `inputs` ({layer name:
+    calibrated amax}, NVFP4 only): the inputs' tensor scale is fixed from it, as a deployed checkpoint's
+    input_global_scale, instead of taken per token. Yields the number of layers quantized."""
     if fmt == "none":
         yield 0
         return
+    if inputs is not None and fmt != "nvfp4":
+        raise SurgeonError(f"a static input scale is NVFP4's; {fmt} scales its inputs per token")
     quantize_w, quantize_x = _quantizers(fmt)
     layers = quantized_linears(model, skip)
     saved, hooks = [], []
@@ -200,7 +209,11 @@ def fake_quantized(model: nn.Module, fmt: str, skip: tuple[str, ...] = DEFAULT_S
             for name, layer in layers:
                 saved.append((layer, layer.weight.data))
                 s = None if smooth is None else smooth.get(name)
-                if s is None:
+                if inputs is not None:
+                    layer.weight.data = quantize_w(layer.weight.data)
+                    hooks.append(layer.register_forward_pre_hook(
+                        lambda mod, args, a=inputs[name]: (nvfp4(args[0], per_row=False, amax=a), *args[1:])))
+                elif s is None:
                     layer.weight.data = quantize_w(layer.weight.data)
                     hooks.append(layer.register_forward_pre_hook(
                         lambda mod, args: (quantize_x(args[0]), *args[1:])))

@@ -54,7 +54,7 @@ import torch
 from surgeon.calibrate import ActivationRequest, Calibration, Needs
 from surgeon.errors import SurgeonError
 from surgeon.io.smooth_factors import FACTORS_FILE, FACTORS_FORMAT
-from surgeon.plan import Plan
+from surgeon.plan import Plan, offset_scale
 from surgeon.quant import SMOOTH_ALPHA, balance_scales, check_alpha
 
 from .base import CALIBRATION_TEXT, Option, Pass
@@ -88,7 +88,7 @@ def _compensation(stored: torch.Tensor, s: torch.Tensor, offset: float) -> torch
     λ/s − offset is rounded wherever λ/s is far from the offset, so the model scales by λ' ≠ λ/s. Multiplying the
     readers by λ/λ' (fp64; equal to s wherever nothing was rounded) keeps λ'·W' = λ·W to one rounding of W'."""
     lam = stored.float() + offset  # as the family computes its scale, in fp32
-    lam_new = ((lam / s.float()) - offset).to(stored.dtype).float() + offset
+    lam_new = offset_scale(stored, lambda t: t / s.float(), offset)[1]  # the rounding rewrite_scale stores
     if bool(((lam_new == 0) & (lam != 0)).any()):
         raise SurgeonError(f"smoothing a norm that stores λ − {offset:g} rounds a channel's λ/s to 0 in "
                            f"{str(stored.dtype).removeprefix('torch.')}: use a smaller --smooth-alpha or a wider "

@@ -1,5 +1,6 @@
 """surgeon eval MODEL [MODEL ...] --data TEXT [--quant none,nvfp4,int4] [--smoothquant [ALPHA]]: perplexity with fake-quantized W4A4,
-models side by side, each with its ratio to its own unquantized perplexity."""
+models side by side, each with its ratio to its own unquantized perplexity. A compressed-tensors checkpoint (surgeon
+quantize) is evaluated as its format computes it, beside the others on the same windows."""
 
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def run(args) -> int:
     import torch
     from rich.console import Console
 
-    from ..evaluate import evaluate_model, save, table
+    from ..deploy import deployed_scheme, is_compressed, load_compressed
+    from ..evaluate import evaluate_deployed, evaluate_model, save, table
     from ..progress import progress_bar
     from ..quant import DEFAULT_SKIP, smoothquant_scales
     from ..sources import iter_token_windows, load_model, resolve_model, resolve_text
@@ -53,10 +55,19 @@ def run(args) -> int:
     n_steps = len(dirs) * (1 + n_quantized * (2 if args.smoothquant is not None else 1))
     with progress_bar("evaluating", n_steps, unit="items") as advance:
         for spec, path in zip(args.models, dirs):
-            model, tokenizer = load_model(path, trust_remote_code=args.trust_remote_code)
+            deployed = is_compressed(path)
+            if deployed:
+                model, tokenizer = load_compressed(path, trust_remote_code=args.trust_remote_code)
+            else:
+                model, tokenizer = load_model(path, trust_remote_code=args.trust_remote_code)
             if windows is None:  # the first model's tokenizer defines the windows for all
                 windows = list(iter_token_windows(paths, tokenizer, args.seq_len, args.seq_len * args.windows,
                                                   args.batch_size, skip_tokens=args.skip_tokens))
+            if deployed:  # already 4-bit: evaluated as its format computes it, not fake-quantized again
+                results.append(evaluate_deployed(model, windows, deployed_scheme(path), name=spec, advance=advance))
+                advance(n_quantized * (2 if args.smoothquant is not None else 1))
+                del model
+                continue
             smooth = None
             if args.smoothquant is not None:
                 if calibration is None:
