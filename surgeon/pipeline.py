@@ -81,6 +81,8 @@ class PipelineConfig:
     train_steps: int | None = DEFAULTS["train_steps"]  # None: the recipe's
     train: bool = DEFAULTS["train"]  # False: stop after the training-free conversion
     control: bool = DEFAULTS["control"]  # also train the passes minus the norm modules, same recipe (model-control/)
+    deploy: str | None = DEFAULTS["deploy"]  # compressed-tensors scheme of the deployed-<model>/ checkpoints; None: none
+    deploy_tokens: int = DEFAULTS["deploy_tokens"]  # their calibration tokens, from the training text
 
 
 @dataclass
@@ -94,6 +96,7 @@ class PipelineResult:
     training: dict | None = None  # steps, tokens, tokens/s, recipe
     control: dict | None = None  # the control's passes, verification and training summary
     choice: object | None = None  # surgeon.choose.Choice: what the chooser measured and kept
+    deployed: dict = field(default_factory=dict)  # label -> the compressed-tensors checkpoint written for it
 
 
 def split_text(paths: list[Path], eval_files: int) -> tuple[list[Path], list[Path], bool]:
@@ -139,7 +142,7 @@ def choose_optional(cfg: PipelineConfig, source: Path, sinks_scan: Path | None, 
 
 
 def _scan_and_eval(label: str, model_dir: Path, paths: list[Path], cfg: PipelineConfig, out: Path,
-                   result: PipelineResult) -> None:
+                   result: PipelineResult, train_paths: list[Path] | None = None) -> None:
     from . import plots
 
     t = time.perf_counter()
@@ -167,6 +170,37 @@ def _scan_and_eval(label: str, model_dir: Path, paths: list[Path], cfg: Pipeline
         result.evals[label] = evaluate_model(model, eval_windows, EVAL_FORMATS, name=label, smooth=smooth,
                                              advance=advance)
     result.stages[f"eval {label}"] = time.perf_counter() - t
+    if cfg.deploy:
+        _deploy(label, model_dir, model, eval_windows, train_paths or paths, cfg, out, result)
+
+
+def _deploy(label: str, model_dir: Path, model, eval_windows: list, train_paths: list[Path], cfg: PipelineConfig,
+            out: Path, result: PipelineResult) -> None:
+    """`model_dir` written as a compressed-tensors checkpoint (deployed-<label>/, calibrated on the training text)
+    and evaluated as its format computes it, on the evaluation windows; for NVFP4 beside the fake-quant estimate
+    with the checkpoint's calibrated input scales (the dynamic per-token one is the NVFP4 column)."""
+    from .deploy import load_compressed, quantize, scheme_of
+    from .evaluate import perplexity
+    from .quant import fake_quantized
+
+    t = time.perf_counter()
+    spec = scheme_of(cfg.deploy)
+    console.print(f"[bold]deploy[/] {label}: {spec.name} compressed-tensors checkpoint, evaluated as it runs")
+    target = out / f"deployed-{label}"
+    report = quantize(model_dir, target, spec.name, text=train_paths, tokens=cfg.deploy_tokens, seq_len=cfg.seq_len,
+                      batch_size=cfg.batch_size)
+    figures = result.evals[label].perplexity
+    if spec.name == "nvfp4":
+        amax = json.loads((target / "surgeon_quantize.json").read_text())["input_amax"]
+        with fake_quantized(model, "nvfp4", inputs=amax):
+            figures["nvfp4-static"] = perplexity(model, eval_windows)[0]
+    deployed, _ = load_compressed(target)
+    figures[f"deployed-{spec.name}"] = perplexity(deployed, eval_windows)[0]
+    del deployed
+    result.deployed[label] = {"dir": target.name, "scheme": spec.name, "bytes": report.bytes_written,
+                              "bytes_source": report.bytes_source, "calibration_tokens": report.calibration_tokens,
+                              "seconds": report.seconds}
+    result.stages[f"deploy {label}"] = time.perf_counter() - t
 
 
 def run(cfg: PipelineConfig, out: str | Path, *, force: bool = False) -> PipelineResult:
@@ -180,12 +214,16 @@ def run(cfg: PipelineConfig, out: str | Path, *, force: bool = False) -> Pipelin
     eval_paths, train_paths, overlap = split_text(paths, cfg.eval_files)
     source = resolve_model(cfg.model)
     recipe = load_recipe(cfg.recipe, steps=cfg.train_steps) if cfg.train else None  # bad recipe: before any work
+    if cfg.deploy:
+        from .deploy import scheme_of
+
+        scheme_of(cfg.deploy)  # a bad scheme: before any work
     stages = (5 + cfg.control) if cfg.train else 3
     with staged_directory(out, force=force, sources=(source,)) as tmp:
         result = PipelineResult(out=out, text={"eval": [p.name for p in eval_paths],
                                                "train": [p.name for p in train_paths], "overlap": overlap})
         console.rule(f"[bold]1/{stages} source[/] {cfg.model}")
-        _scan_and_eval("source", source, eval_paths, cfg, tmp, result)
+        _scan_and_eval("source", source, eval_paths, cfg, tmp, result, train_paths)
 
         t = time.perf_counter()
         sinks_scan = tmp / "scan-source" / "scan.json" if result.scans["source"].sinks else None
@@ -206,7 +244,7 @@ def run(cfg: PipelineConfig, out: str | Path, *, force: bool = False) -> Pipelin
         result.stages["convert + verify"] = time.perf_counter() - t
 
         console.rule(f"[bold]3/{stages} converted[/]")
-        _scan_and_eval("converted", converted, eval_paths, cfg, tmp, result)
+        _scan_and_eval("converted", converted, eval_paths, cfg, tmp, result, train_paths)
 
         if cfg.train:
             from .export import export
@@ -225,7 +263,7 @@ def run(cfg: PipelineConfig, out: str | Path, *, force: bool = False) -> Pipelin
             export(run_dir, tmp / DIRS["trained"])
             shutil.rmtree(run_dir / "checkpoints")  # exported; the optimizer states are 3× the model
             result.stages["export"] = time.perf_counter() - t
-            _scan_and_eval("trained", tmp / DIRS["trained"], eval_paths, cfg, tmp, result)
+            _scan_and_eval("trained", tmp / DIRS["trained"], eval_paths, cfg, tmp, result, train_paths)
         if cfg.control:
             _control(cfg, source, sinks_scan, train_paths, eval_paths, recipe, tmp, result, f"6/{stages}", optional)
         write_report(tmp, cfg, result, report)
@@ -259,7 +297,7 @@ def _control(cfg: PipelineConfig, source: Path, sinks_scan: Path | None, train_p
     result.stages["control: convert + train + export"] = time.perf_counter() - t
     result.control = {"transforms": [p.name for p in passes], "verify": verify,
                       "training": _training_summary(run_dir, trained.step, seconds)}
-    _scan_and_eval("control", tmp / DIRS["control"], eval_paths, cfg, tmp, result)
+    _scan_and_eval("control", tmp / DIRS["control"], eval_paths, cfg, tmp, result, train_paths)
 
 
 def _training_summary(run_dir: Path, steps: int, seconds: float) -> dict:
@@ -281,6 +319,10 @@ def _applied(surgeon: dict) -> list:
 
 
 def _format_label(fmt: str) -> str:
+    if fmt.startswith("deployed-"):
+        return f"deployed {fmt.removeprefix('deployed-').upper()}"
+    if fmt.endswith("-static"):
+        return f"{fmt.removesuffix('-static').upper()} W4A4 static"
     return fmt.removesuffix("+sq").upper() + " W4A4" + (" +SQ" if fmt.endswith("+sq") else "")
 
 
@@ -390,7 +432,7 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
                   f"distribution from the fp32 model's, in {' and '.join(f.upper() for f in choice.formats)} W4A4; "
                   "a pass is kept only where that is lower in every target format. Kept: "
                   + (", ".join(choice.labels()) or "none") + ".", "", *markdown(choice)]
-    columns = [f for f in next(iter(result.evals.values())).perplexity if f != "none"]
+    columns = list(dict.fromkeys(f for ev in result.evals.values() for f in ev.perplexity if f != "none"))
     smoothed = any(f.endswith("+sq") for f in columns)
     lines += ["", "## Perplexity and W4A4", "",
               f"{cfg.eval_windows} windows × {cfg.seq_len} tokens from token {cfg.eval_skip_tokens}; every linear "
@@ -402,7 +444,10 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
               "|---|---:|" + "---:|" * len(columns)]
     for label, ev in result.evals.items():
         lines.append(f"| {label} | {ev.perplexity['none']:.2f} | "
-                     + " | ".join(f"{ev.perplexity[f]:,.1f} (×{ev.ratio(f):.2f})" for f in columns) + " |")
+                     + " | ".join(f"{ev.perplexity[f]:,.1f} (×{ev.ratio(f):.2f})" if f in ev.perplexity else "–"
+                                  for f in columns) + " |")
+    if result.deployed:
+        lines += ["", *_deployed_section(result)]
     if "trained" in result.evals:
         src, out_ev = result.evals["source"].perplexity, result.evals["trained"].perplexity
         lines += ["", "Trained ÷ source perplexity: " + ", ".join(
@@ -428,7 +473,28 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
         "perplexity": {k: v.perplexity for k, v in result.evals.items()},
         "peak": {k: v.peak for k, v in result.scans.items()}, "training": result.training,
         "control": result.control, "choice": None if result.choice is None else result.choice.as_dict(),
+        "deployed": result.deployed,
     }, indent=2) + "\n")
+
+
+def _deployed_section(result: PipelineResult) -> list[str]:
+    """What the deployed checkpoints compute beside the fake-quant estimates, and the difference, per model."""
+    scheme = next(iter(result.deployed.values()))["scheme"]
+    key = f"deployed-{scheme}"
+    lines = [f"\"deployed {scheme.upper()}\": each model written as a compressed-tensors `{scheme}` checkpoint "
+             f"(`deployed-<model>/`, surgeon quantize: its inputs' global scales calibrated on "
+             f"{next(iter(result.deployed.values()))['calibration_tokens']:,} tokens of the training text) and "
+             "evaluated as that format computes it."]
+    parts = []
+    for label, d in result.deployed.items():
+        ppl = result.evals[label].perplexity
+        part = f"{label} ×{ppl[key] / ppl['none']:.3f} ({d['bytes'] / 1e6:,.0f} MB of weights, the model's " \
+               f"{d['bytes_source'] / 1e6:,.0f} MB)"
+        if "nvfp4-static" in ppl and scheme == "nvfp4":
+            part += (f": {100 * (ppl[key] / ppl['nvfp4-static'] - 1):+.2f}% from the static-scale estimate, "
+                     f"{100 * (ppl[key] / ppl['nvfp4'] - 1):+.2f}% from the per-token one")
+        parts.append(part)
+    return lines + ["Deployed ratio to fp32: " + "; ".join(parts) + "."]
 
 
 def _control_section(result: PipelineResult, columns: list[str]) -> list[str]:

@@ -172,7 +172,8 @@ def test_the_pipeline_converts_with_what_the_chooser_kept_and_reports_it(outlier
     from surgeon.pipeline import PipelineConfig, run
 
     cfg = PipelineConfig(model=str(outlier), data=str(text), scan_tokens=256, seq_len=32, eval_windows=2,
-                         eval_skip_tokens=32, batch_size=2, train=False, smooth_alphas=(0.5, 0.8))
+                         eval_skip_tokens=32, batch_size=2, train=False, smooth_alphas=(0.5, 0.8),
+                         deploy=None)  # the deployed rows are test_pipeline's
     result = run(cfg, tmp_path / "run")
     kept = [p.name for p in result.choice.passes]
     assert kept[0] == "smooth"  # the planted outlier: smooth lowers both formats' error

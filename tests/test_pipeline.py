@@ -45,7 +45,7 @@ def test_pipeline_runs_end_to_end(tmp_path):
     (tmp_path / "recipe.yaml").write_text(RECIPE)
     cfg = PipelineConfig(model=str(src), data=str(tmp_path / "text.txt"), gated_norm=True, rank=4, scan_tokens=256, seq_len=32,
                          eval_windows=2, eval_skip_tokens=32, batch_size=2, recipe=str(tmp_path / "recipe.yaml"),
-                         choose=False)  # the fixed passes; the chooser's run is the control test's
+                         choose=False, deploy_tokens=256)  # the fixed passes; the chooser's run is the control test's
     result = run(cfg, tmp_path / "run")
     out = tmp_path / "run"
     converted, trained = out / "model-converted", out / "model-trained"
@@ -82,7 +82,15 @@ def test_pipeline_runs_end_to_end(tmp_path):
     assert "smoothed with α 0.8" in report and "The smooth pass then divides" in report
     assert "| linear-input max/RMS, mean (worst) — training's held-out | – |" in report  # smooth changed them
     assert "INT4 W4A4 +SQ" in report and set(result.evals["trained"].perplexity) == {
-        "none", "nvfp4", "int4", "nvfp4+sq", "int4+sq"}
+        "none", "nvfp4", "int4", "nvfp4+sq", "int4+sq", "nvfp4-static", "deployed-nvfp4"}
+    # each model written as a compressed-tensors NVFP4 checkpoint, which computes the static-scale estimate
+    for label in ("source", "converted", "trained"):
+        ppl = result.evals[label].perplexity
+        assert json.loads((out / f"deployed-{label}" / "config.json").read_text())["quantization_config"]["format"] \
+            == "nvfp4-pack-quantized"
+        assert ppl["deployed-nvfp4"] == pytest.approx(ppl["nvfp4-static"], rel=1e-4)
+    assert "| deployed NVFP4 |" in report and "from the static-scale estimate" in report
+    assert "NVFP4 W4A4 static" in report and results_deployed(out) == ["converted", "source", "trained"]
     assert "AdamW stepping the source's weights, unsmoothed and unrotated (optimizer_coordinates: source)" in report
     assert "Hadamard-rotated" in report and "The hadamard pass multiplies" in report
     assert "Trained ÷ source perplexity" in report and "![training loss](train/loss.png)" in report
@@ -95,6 +103,10 @@ def test_pipeline_runs_end_to_end(tmp_path):
 
     # the CLI refuses to overwrite the run, in one line
     assert main(["pipeline", "--model", str(src), "--data", str(tmp_path / "text.txt"), "--out", str(out)]) == 2
+
+
+def results_deployed(out) -> list[str]:
+    return sorted(json.loads((out / "results.json").read_text())["deployed"])
 
 
 def test_control_shares_every_pass_and_the_recipe_but_the_module_passes(tmp_path):
@@ -114,9 +126,11 @@ def test_control_shares_every_pass_and_the_recipe_but_the_module_passes(tmp_path
     (tmp_path / "recipe.yaml").write_text(RECIPE)
     cfg = PipelineConfig(model=str(src), data=str(tmp_path / "text"), gated_norm=True, rank=4, gated_attention=True,
                          scan_tokens=256, seq_len=32, eval_windows=2, eval_skip_tokens=32, batch_size=2, eval_files=1,
-                         recipe=str(tmp_path / "recipe.yaml"), control=True, choose=False)
+                         recipe=str(tmp_path / "recipe.yaml"), control=True, choose=False, deploy_tokens=128)
     result = run(cfg, tmp_path / "run")
     out = tmp_path / "run"
+    assert results_deployed(out) == ["control", "converted", "source", "trained"]  # the control deployed too
+    assert "control ×" in (out / "report.md").read_text().split("Deployed ratio to fp32:")[1]
     main_block = json.loads((out / "model-converted" / "config.json").read_text())["surgeon"]
     control_block = json.loads((out / "model-control-converted" / "config.json").read_text())["surgeon"]
     assert main_block["transforms"] == ["gated-norm", "gated-attention", "pre-affine", "absorb-sinks", "smooth",

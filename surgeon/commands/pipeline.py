@@ -48,6 +48,10 @@ def add_arguments(p) -> None:
                         "gated-attention, pre-affine, absorb-sinks), train it with the same recipe and budget, "
                         "export it to model-control/ and "
                         "report it beside the trained model: what the modules bought")
+    p.add_argument("--deploy", default=d.deploy,
+                   help="write each model as a compressed-tensors checkpoint in this scheme (nvfp4, nvfp4a16, w4a4, "
+                        "w4a16) and evaluate it as it runs (%(default)s)")
+    p.add_argument("--no-deploy", action="store_true", help="no compressed-tensors checkpoints")
     p.add_argument("--force", action="store_true", help="replace an existing run directory")
 
 
@@ -70,6 +74,7 @@ def run(args) -> int:
                          eval_windows=args.eval_windows, seq_len=args.seq_len, eval_files=args.eval_files,
                          recipe=args.recipe, train_steps=args.train_steps, train=not args.no_train, control=args.control,
                          smooth_alpha=None if args.no_smooth else args.smooth_alpha, hadamard=not args.no_hadamard,
-                         choose=args.choose, format=args.format, smooth_alphas=args.smooth_alphas)
+                         choose=args.choose, format=args.format, smooth_alphas=args.smooth_alphas,
+                         deploy=None if args.no_deploy else args.deploy)
     run_pipeline(cfg, args.out, force=args.force)
     return 0
