@@ -230,3 +230,20 @@ def test_earlier_smooth_factors_come_along_only_when_hadamard_is_first(sources, 
     assert carried.keys() == original.keys() and all(torch.equal(carried[k], original[k]) for k in original)
     convert(smoothed, tmp_path / "gated", [GatedNorm(rank=4), Hadamard()], show_progress=False)  # λ rewritten first
     assert not (tmp_path / "gated" / FACTORS_FILE).exists()
+
+
+def test_max_block_caps_every_rotation_and_keeps_the_function(sources, tmp_path, capsys):
+    """--hadamard-max-block 16: NVFP4's block size; every group rotates in blocks of 16, weights as the formula."""
+    out = tmp_path / "out"
+    assert main(["convert", str(sources["llama"]), str(out), "-t", "hadamard", "--hadamard-max-block", "16",
+                 "--verify"]) == 0
+    assert_close_logits(logits(sources["llama"]), logits(out))
+    groups = json.loads((out / "config.json").read_text())["surgeon"]["hadamard"]["groups"]
+    assert {g: v["block"] for g, v in groups.items()} == {g: min(b, 16) for g, b in BLOCKS.items()}
+    before, after = tensors(sources["llama"]), tensors(out)
+    w = before["model.layers.0.mlp.down_proj.weight"]
+    expected = (w.double() @ block_diagonal(w.shape[1], 16)).float()
+    assert torch.allclose(after["model.layers.0.mlp.down_proj.weight"], expected, rtol=1e-6, atol=1e-7)
+    for bad in (12, 1):
+        with pytest.raises(SurgeonError, match=f"--hadamard-max-block {bad} is not a power of two"):
+            Hadamard(max_block=bad)

@@ -58,6 +58,8 @@ def rotate_weight(w: torch.Tensor, block: int) -> torch.Tensor:
 @dataclass
 class Hadamard(Pass):
     groups: tuple[str, ...] = GROUPS
+    max_block: int | None = None  # a power of two: blocks no larger (16 = NVFP4's blocks: each quantized block is
+    # rotated within itself, so no spike spreads into a neighbouring block's scale)
     name = "hadamard"
     key = "hadamard"
     changes_linear_inputs = True
@@ -65,7 +67,10 @@ class Hadamard(Pass):
                               "gated-attention": "the attention gate reads q/k/v's input: it is rotated with them"})
     options = (Option(("--hadamard-groups",), "groups", dict(
         default=",".join(GROUPS), help="the linear inputs rotated online, comma-separated (default: all, "
-                                       "%(default)s)")),)
+                                       "%(default)s)")),
+               Option(("--hadamard-max-block",), "max_block", dict(
+                   type=int, default=None, help="largest rotation block, a power of two (default: the largest "
+                                                "power of two dividing each input width)")))
 
     def __post_init__(self):
         if isinstance(self.groups, str):
@@ -74,6 +79,8 @@ class Hadamard(Pass):
         if unknown or not self.groups:
             raise SurgeonError(f"unknown hadamard group {unknown[0] if unknown else '(none)'!r}; choose from "
                                f"{', '.join(GROUPS)}")
+        if self.max_block is not None and (self.max_block < 2 or self.max_block & (self.max_block - 1)):
+            raise SurgeonError(f"--hadamard-max-block {self.max_block} is not a power of two ≥ 2: use e.g. 16 or 64")
 
     def check(self, plan: Plan) -> None:
         if self.key in plan.surgeon:
@@ -114,6 +121,8 @@ class Hadamard(Pass):
                                    "cannot share one rotation")
             (width,) = widths
             block = hadamard_block(width)
+            if self.max_block is not None:
+                block = min(block, self.max_block)
             if block < 2:
                 raise SurgeonError(f"the {group} input has {width} features, an odd number: no Hadamard block fits")
             for name in weights:
