@@ -189,7 +189,7 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, scheme: str = "n
     failure). `text`: the calibration text (needed where the scheme calibrates: nvfp4); `tokens` of it are read,
     after `skip_tokens`."""
     from .io.atomic import check_destination, staged_directory
-    from .progress import progress_bar
+    from .progress import progress_bar, quiet_tqdm
     from .sources import iter_token_windows, load_model
 
     started = time.perf_counter()
@@ -217,7 +217,7 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, scheme: str = "n
 
     names = {n for n, _ in layers}
     kept = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in names]
-    with progress_bar(f"quantize {spec.name}", len(windows) + 3, enabled=show_progress) as advance:
+    with progress_bar(f"quantize {spec.name}", len(windows) + 3, enabled=show_progress) as advance, quiet_tqdm():
         amax = input_amax(model, layers, windows, advance=advance) if windows else None
         config = QuantizationConfig(config_groups={"group_0": spec.compressed_tensors_scheme()}, ignore=kept)
         apply_quantization_config(model, config)
@@ -290,6 +290,7 @@ def load_compressed(model_dir: str | os.PathLike, *, trust_remote_code: bool = F
     global scale; its weights re-rounded onto their grid in float32). Decompressed by hand, then cast: loading in
     float32 fails inside compressed-tensors, whose NVFP4 decompression unpacks to bfloat16 (the weights'
     dequantization rounds there, and the next float32 matmul refuses the mix)."""
+    from .progress import quiet_tqdm
     from .sources import load_model
 
     try:
@@ -297,7 +298,8 @@ def load_compressed(model_dir: str | os.PathLike, *, trust_remote_code: bool = F
     except ImportError:
         raise SurgeonError(f"{model_dir} is a compressed-tensors checkpoint: pip install compressed-tensors "
                            "(surgeon's [deploy] extra)") from None
-    model, tokenizer = load_model(model_dir, trust_remote_code=trust_remote_code)
+    with quiet_tqdm():
+        model, tokenizer = load_model(model_dir, trust_remote_code=trust_remote_code)
     quantizer = getattr(model, "hf_quantizer", None)
     compressor = getattr(quantizer, "compressor", None)
     if compressor is None:
@@ -305,7 +307,8 @@ def load_compressed(model_dir: str | os.PathLike, *, trust_remote_code: bool = F
                            "transformers and compressed-tensors")
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
-    compressor.decompress_model(model)
+    with quiet_tqdm():
+        compressor.decompress_model(model)
     for tensor in [*model.parameters(), *model.buffers()]:  # transformers refuses .float() on a quantized model
         if tensor.is_floating_point() and tensor.dtype != torch.float32:
             tensor.data = tensor.data.float()

@@ -137,3 +137,22 @@ def gguf_progress(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         gguf_utils.tqdm = original
+
+
+@contextmanager
+def quiet_tqdm() -> Iterator[None]:
+    """For the duration: every tqdm bar disabled (compressed-tensors draws one per step — applying the config,
+    compressing, decompressing — under surgeon's own progress); restored after."""
+    from tqdm import tqdm
+
+    original = tqdm.__init__
+
+    def quiet(self, *args, **kwargs):
+        kwargs["disable"] = True  # over a caller's own disable=(not show_progress)
+        original(self, *args, **kwargs)
+
+    tqdm.__init__ = quiet
+    try:
+        yield
+    finally:
+        tqdm.__init__ = original
