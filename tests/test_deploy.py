@@ -164,6 +164,16 @@ def test_cli_quantize_then_eval_shows_the_deployed_row(converted, text, tmp_path
     assert rows[1]["perplexity"]["deployed nvfp4"] > 0 and "deployed nvfp4" in capsys.readouterr().out
 
 
+def test_the_help_lists_every_scheme_without_importing_torch():
+    from surgeon.commands.quantize import SCHEME_NAMES
+
+    assert SCHEME_NAMES == tuple(SCHEMES)
+    done = subprocess.run([sys.executable, "-c", "import sys\nfrom surgeon.cli import main\ntry:\n    main(['quantize', "
+                           "'--help'])\nexcept SystemExit:\n    pass\nassert 'torch' not in sys.modules"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "nvfp4a16" in done.stdout, done.stderr[-2000:]
+
+
 def test_bad_input_is_refused_in_one_line_and_nothing_is_written(converted, nvfp4_dir, text, tmp_path, capsys):
     cases = [
         (["--scheme", "fp8"], "unknown --scheme 'fp8'"),

@@ -8,12 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def add_arguments(p) -> None:
-    from ..deploy import SCHEMES
+# surgeon.deploy.SCHEMES' names (tests/test_deploy.py holds them equal): the help imports no torch
+SCHEME_NAMES = ("nvfp4", "nvfp4a16", "w4a4", "w4a16")
 
+
+def add_arguments(p) -> None:
     p.add_argument("model", help="model directory, .gguf file, hub id, or 'default'")
     p.add_argument("output", help="output directory (must not exist unless --force)")
-    p.add_argument("--scheme", default="nvfp4", help=f"one of {', '.join(SCHEMES)} (%(default)s)")
+    p.add_argument("--scheme", default="nvfp4", help=f"one of {', '.join(SCHEME_NAMES)} (%(default)s)")
     p.add_argument("--data", default="default",
                    help="calibration text: file, folder, JSONL or 'default' (Shakespeare); nvfp4 calibrates on it")
     p.add_argument("--tokens", type=int, default=8192, help="calibration tokens (%(default)s)")
