@@ -157,6 +157,9 @@ def test_cli_quantize_then_eval_shows_the_deployed_row(converted, text, tmp_path
     assert "surgeon quantize" in capsys.readouterr().out
     card = (out / "README.md").read_text()
     assert "Written by `surgeon quantize`" in card and "global scales calibrated on" in card
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["quantization"] == {
+        "format": "nvfp4-pack-quantized", "status": "compressed", "packed_linears": 14, "kept": 11}
     assert main(["eval", str(converted), str(out), "--data", str(text), "--seq-len", "64", "--windows", "2",
                  "--skip-tokens", "0", "--quant", "none,nvfp4", "--json", str(tmp_path / "e.json")]) == 0
     rows = json.loads((tmp_path / "e.json").read_text())

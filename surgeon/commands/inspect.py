@@ -81,9 +81,20 @@ def describe(path) -> dict:
         "smooth": block.get("smooth"),
         "hadamard": {g: v["block"] for g, v in ((block.get("hadamard") or {}).get("groups") or {}).items()},
         "source_sha256": block.get("source_sha256"),
+        "quantization": _quantization(config, ckpt),
         "gguf": None if imported is None else {"file": str(path), "sha256": imported.get("sha256"),
                                                **(imported.get("gguf") or {}), "imported_as": imported.get("dtype")},
     }
+
+
+def _quantization(config: dict, ckpt) -> dict | None:
+    """A compressed-tensors checkpoint's format, and how many linears it packs / keeps (from names only)."""
+    quant = config.get("quantization_config") or {}
+    if quant.get("quant_method") != "compressed-tensors":
+        return None
+    packed = sum(1 for name in ckpt.tensors if name.endswith(".weight_packed"))  # both packed formats' name
+    return {"format": quant.get("format"), "status": quant.get("quantization_status"), "packed_linears": packed,
+            "kept": len(quant.get("ignore") or [])}
 
 
 def run(args) -> int:
@@ -125,5 +136,9 @@ def run(args) -> int:
         table.add_row("gated attention", f"{ga['gates']} gates, {ga['granularity']} ({ga['heads']} heads)")
     if info["glu_alpha"] is not None:
         table.add_row("GLU α", f"{info['glu_alpha']:g} (0 = SwiGLU, 1 = GLU)")
+    if info["quantization"]:
+        q = info["quantization"]
+        table.add_row("quantized", f"compressed-tensors {q['format']} ({q['status']}): {q['packed_linears']} linears "
+                                   f"packed, {q['kept']} kept in full precision")
     Console().print(table)
     return 0
