@@ -142,19 +142,20 @@ def choose(source: Path, base: list, calibration: list[Path], *, target: str = "
 
         if base:
             measure("source", "the source, unconverted", []).verdict = "source"
-        state = {"current": measure("base", "base: " + (" + ".join(p.name for p in base) or "the source"), base)}
-        state["current"].verdict = "base"
+        current = measure("base", "base: " + (" + ".join(p.name for p in base) or "the source"), base)
+        current.verdict = "base"
 
         def pick(tried: list[Trial]) -> Trial | None:
             """Keep the lowest of the candidates that lower every format's error; mark the rest."""
-            better = [t for t in tried if lowers(t.error, state["current"].error)]
+            nonlocal current
+            better = [t for t in tried if lowers(t.error, current.error)]
             for t in tried:
                 t.verdict = "dropped" if t in better else "worse"
             if not better:
                 return None
-            state["current"] = min(better, key=Trial.score)
-            state["current"].verdict = "kept"
-            return state["current"]
+            current = min(better, key=Trial.score)
+            current.verdict = "kept"
+            return current
 
         smooth = None  # the kept smooth pass
         smooths = smooth_options(calibration, seq_len=seq_len, alphas=alphas, smooth_tokens=smooth_tokens)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .errors import SurgeonError
-from .quant import DEFAULT_SKIP, E2M1_MAX, E4M3_MAX, quantized_linears
+from .quant import DEFAULT_SKIP, quantized_linears
 
 QUANTIZE_FILE = "surgeon_quantize.json"
 
@@ -114,23 +114,16 @@ def quantizable_linears(model: nn.Module, scheme: Scheme, skip=DEFAULT_SKIP) -> 
 def input_amax(model: nn.Module, layers: list[tuple[str, nn.Linear]], windows, *, advance=lambda n=1: None
                ) -> dict[str, float]:
     """Per linear, the largest |input| over the calibration windows — the input the quantizer sees, after any
-    Hadamard rotation (those pre-hooks are prepended, these appended)."""
-    amax: dict[str, float] = {}
+    Hadamard rotation (those pre-hooks are prepended, the recording ones appended)."""
+    from .quant import input_channel_amax
 
-    def record(name):
-        def hook(module, args):
-            amax[name] = max(amax.get(name, 0.0), float(args[0].detach().abs().amax()))
-        return hook
-
-    hooks = [m.register_forward_pre_hook(record(n)) for n, m in layers]
-    try:
+    def ticking():
         for ids in windows:
-            model(input_ids=ids)
+            yield ids
             advance(1)
-    finally:
-        for h in hooks:
-            h.remove()
-    return amax
+
+    per_channel, _ = input_channel_amax(model, ticking(), layers)
+    return {name: float(a.max()) for name, a in per_channel.items()}
 
 
 def _global_scale(amax: torch.Tensor | float) -> torch.Tensor:
