@@ -95,7 +95,7 @@ def main(argv=None) -> int:
             recipe.write_text(yaml.safe_dump({**base, "steps": steps, "seed": seed,
                                               "save_every": steps, "eval_every": max(steps // 4, 1)}))
             tic = time.perf_counter()
-            result = run(PipelineConfig(model=args.model, data=str(data), recipe=str(recipe), control=True,
+            result = run(PipelineConfig(model=args.model, data=str(data), recipe=str(recipe), control=True, format="both",  # one conversion
                                         gated_norm=args.gated_norm, eval_files=args.eval_files), out)
             minutes = (time.perf_counter() - tic) / 60
             figures = {label: {"eval": {"tokens": result.evals[label].tokens, **result.evals[label].perplexity},

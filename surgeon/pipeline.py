@@ -40,7 +40,6 @@ from .transforms import TRANSFORMS, AbsorbSinks, GatedAttention, GatedNorm, Hada
 
 EVAL_FORMATS = ("nvfp4", "int4")
 DEFAULTS_FILE = "pipeline.yaml"  # in surgeon.configs
-LABELS = ("source", "converted", "trained", "control")
 DIRS = {"converted": "model-converted", "trained": "model-trained", "control-converted": "model-control-converted",
         "control": "model-control"}
 
@@ -69,7 +68,7 @@ class PipelineConfig:
     smooth_alpha: float | None = DEFAULTS["smooth_alpha"]  # α of the smooth pass (on the training text); None: no pass
     hadamard: bool = DEFAULTS["hadamard"]  # rotate every dense linear's input online (after smooth)
     choose: bool = DEFAULTS["choose"]  # smooth/hadamard kept only where they lower the W4A4 error (surgeon/choose.py)
-    format: str = DEFAULTS["format"]  # the chooser's target: nvfp4, int4 or both
+    format: str = DEFAULTS["format"]  # the chooser's target: nvfp4, int4, both (one conversion), each (one per format)
     smooth_alphas: tuple = tuple(DEFAULTS["smooth_alphas"])  # smooth's α candidates when choosing
     scan_tokens: int = DEFAULTS["scan_tokens"]
     seq_len: int = DEFAULTS["seq_len"]
@@ -81,8 +80,29 @@ class PipelineConfig:
     train_steps: int | None = DEFAULTS["train_steps"]  # None: the recipe's
     train: bool = DEFAULTS["train"]  # False: stop after the training-free conversion
     control: bool = DEFAULTS["control"]  # also train the passes minus the norm modules, same recipe (model-control/)
-    deploy: str | None = DEFAULTS["deploy"]  # compressed-tensors scheme of the deployed-<model>/ checkpoints; None: none
+    deploy: str | None = DEFAULTS["deploy"]  # compressed-tensors scheme of the deployed-<model>/ checkpoints; "auto":
+    # each model's target formats' W4A4 scheme (AUTO_SCHEMES); None: none
     deploy_tokens: int = DEFAULTS["deploy_tokens"]  # their calibration tokens, from the training text
+
+
+@dataclass
+class Conversion:
+    """One converted model of the main job and what came of it: the conversion for every target format, or (with
+    --format each, where the formats' chosen passes differ) for one."""
+
+    formats: tuple[str, ...]  # the target formats its optional passes were chosen for
+    suffix: str = ""  # "" or "-nvfp4", "-int4": the tail of its labels and directories
+    choice: object | None = None  # surgeon.choose.Choice it was converted with (None: the fixed passes)
+    report: object | None = None  # surgeon.convert's ConvertReport
+    training: dict | None = None  # steps, tokens, tokens/s, recipe
+    control: dict | None = None  # the control's passes, verification and training summary
+
+    def label(self, stage: str) -> str:
+        return stage + self.suffix
+
+    @property
+    def verify(self) -> dict:
+        return self.report.verify
 
 
 @dataclass
@@ -91,12 +111,49 @@ class PipelineResult:
     stages: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     scans: dict[str, ScanReport] = field(default_factory=dict)
     evals: dict[str, ModelEval] = field(default_factory=dict)
-    verify: dict | None = None
     text: dict = field(default_factory=dict)  # eval / train files, overlap
-    training: dict | None = None  # steps, tokens, tokens/s, recipe
-    control: dict | None = None  # the control's passes, verification and training summary
-    choice: object | None = None  # surgeon.choose.Choice: what the chooser measured and kept
-    deployed: dict = field(default_factory=dict)  # label -> the compressed-tensors checkpoint written for it
+    conversions: list[Conversion] = field(default_factory=list)
+    choices: dict = field(default_factory=dict)  # target -> surgeon.choose.Choice: what the chooser measured and kept
+    deployed: dict = field(default_factory=dict)  # label -> {scheme: the compressed-tensors checkpoint written}
+    undeployable: dict = field(default_factory=dict)  # scheme -> why "auto" wrote no checkpoint in it
+
+    # the first (with one target, the only) conversion's
+    @property
+    def verify(self) -> dict | None:
+        return self.conversions[0].verify if self.conversions else None
+
+    @property
+    def training(self) -> dict | None:
+        return self.conversions[0].training if self.conversions else None
+
+    @property
+    def control(self) -> dict | None:
+        return self.conversions[0].control if self.conversions else None
+
+    @property
+    def choice(self):
+        return self.conversions[0].choice if self.conversions else None
+
+
+AUTO_SCHEMES = {"nvfp4": "nvfp4", "int4": "w4a4"}  # deploy "auto": a target format's compressed-tensors scheme
+TARGETS = ("nvfp4", "int4", "both", "each")
+
+
+def target_formats(cfg: PipelineConfig) -> tuple[str, ...]:
+    from .choose import target_formats as formats
+
+    if cfg.format not in TARGETS:
+        raise SurgeonError(f"unknown --format {cfg.format!r}: use one of {', '.join(TARGETS)}")
+    return formats("both" if cfg.format == "each" else cfg.format)
+
+
+def deploy_schemes(cfg: PipelineConfig, formats) -> tuple[str, ...]:
+    """The schemes a model targeting `formats` is deployed in: `deploy`'s, or with "auto" its formats'."""
+    if not cfg.deploy:
+        return ()
+    if cfg.deploy == "auto":
+        return tuple(AUTO_SCHEMES[f] for f in formats)
+    return (cfg.deploy,)
 
 
 def split_text(paths: list[Path], eval_files: int) -> tuple[list[Path], list[Path], bool]:
@@ -109,19 +166,19 @@ def split_text(paths: list[Path], eval_files: int) -> tuple[list[Path], list[Pat
 def conversion_passes(cfg: PipelineConfig, sinks_scan: Path | None, train_paths: list[Path], *,
                       control: bool = False, optional: list | None = None) -> list:
     """The main job's passes in order: GatedNorm (with `gated_norm`), gated attention (with `gated_attention`),
-    PreAffine, absorb-sinks (when the scan found sinks), then the optional passes: `optional` (what the chooser
-    kept), else smooth and hadamard as the config fixes them. `control`: the same without the passes that insert
-    or work through the paper's modules (each pass's `module_pass`), so the control differs from the main run by
-    the modules alone."""
+    PreAffine, then the optional passes: `optional` (what the chooser kept, absorb-sinks among them), else
+    absorb-sinks (when the scan found sinks), smooth and hadamard as the config fixes them. `control`: the same
+    without the passes that insert or work through the paper's modules (each pass's `module_pass`), so the control
+    differs from the main run by the modules alone."""
     passes = [GatedNorm(rank=cfg.rank)] if cfg.gated_norm else []
     if cfg.gated_attention:
         passes.append(GatedAttention())
     passes.append(PreAffine())
-    if sinks_scan is not None:
-        passes.append(AbsorbSinks(scan=sinks_scan))
     if optional is not None:
         passes += optional
     else:
+        if sinks_scan is not None:
+            passes.append(AbsorbSinks(scan=sinks_scan))
         if cfg.smooth_alpha is not None:  # calibrated on the training text: the evaluation text stays unseen
             passes.append(Smooth(data=train_paths, alpha=cfg.smooth_alpha, seq_len=cfg.seq_len))
         if cfg.hadamard:
@@ -129,20 +186,28 @@ def conversion_passes(cfg: PipelineConfig, sinks_scan: Path | None, train_paths:
     return [p for p in passes if not (control and p.module_pass)]
 
 
-def choose_optional(cfg: PipelineConfig, source: Path, sinks_scan: Path | None, train_paths: list[Path],
-                    work_dir: Path):
-    """The chooser on the main job's base passes: smooth at each of `smooth_alphas` (unless smooth is off) and
-    hadamard (unless off), measured on the training text — the evaluation text stays unseen."""
-    from .choose import choose
+def choose_conversions(cfg: PipelineConfig, source: Path, sinks_scan: Path | None, train_paths: list[Path],
+                       work_dir: Path) -> tuple[dict, list[Conversion]]:
+    """The chooser on the main job's base passes: absorb-sinks (when the scan found sinks), smooth at each of
+    `smooth_alphas` (unless smooth is off) and hadamard (unless off), measured on the training text — the
+    evaluation text stays unseen. ({target: Choice}, the conversions): with `each` one search per format, and one
+    conversion per format unless both searches kept the same passes."""
+    from .choose import choose_each
 
-    base = conversion_passes(cfg, sinks_scan, train_paths, optional=[])
-    return choose(source, base, train_paths, target=cfg.format, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                  alphas=cfg.smooth_alphas if cfg.smooth_alpha is not None else (), hadamard=cfg.hadamard,
-                  work_dir=work_dir)
+    targets = ("nvfp4", "int4") if cfg.format == "each" else (cfg.format,)
+    choices = choose_each(source, conversion_passes(cfg, None, train_paths, optional=[]), train_paths,
+                          targets=targets, absorb=AbsorbSinks(scan=sinks_scan) if sinks_scan else None,
+                          seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                          alphas=cfg.smooth_alphas if cfg.smooth_alpha is not None else (), hadamard=cfg.hadamard,
+                          work_dir=work_dir)
+    kept = {t: c.labels() for t, c in choices.items()}
+    if len(targets) == 1 or kept["nvfp4"] == kept["int4"]:
+        return choices, [Conversion(target_formats(cfg), choice=choices[targets[0]])]
+    return choices, [Conversion((t,), suffix=f"-{t}", choice=c) for t, c in choices.items()]
 
 
 def _scan_and_eval(label: str, model_dir: Path, paths: list[Path], cfg: PipelineConfig, out: Path,
-                   result: PipelineResult, train_paths: list[Path] | None = None) -> None:
+                   result: PipelineResult, train_paths: list[Path] | None = None, schemes=()) -> None:
     from . import plots
 
     t = time.perf_counter()
@@ -170,23 +235,44 @@ def _scan_and_eval(label: str, model_dir: Path, paths: list[Path], cfg: Pipeline
         result.evals[label] = evaluate_model(model, eval_windows, EVAL_FORMATS, name=label, smooth=smooth,
                                              advance=advance)
     result.stages[f"eval {label}"] = time.perf_counter() - t
-    if cfg.deploy:
-        _deploy(label, model_dir, model, eval_windows, train_paths or paths, cfg, out, result)
+    schemes = [s for s in schemes if _deployable(model, s, cfg, result)]
+    for scheme in schemes:
+        _deploy(label, model_dir, model, eval_windows, train_paths or paths, cfg, out, result, scheme,
+                tail=f"-{scheme}" if len(schemes) > 1 else "")
+
+
+def _deployable(model, scheme: str, cfg: PipelineConfig, result: PipelineResult) -> bool:
+    """Whether `model`'s linear widths fit `scheme`'s blocks. A scheme asked for by name must fit (its error says
+    so); one that "auto" picked and that does not fit is left out, said on the console and in the report."""
+    from .deploy import quantizable_linears, scheme_of
+
+    if scheme in result.undeployable:
+        return False
+    try:
+        quantizable_linears(model, scheme_of(scheme))
+    except SurgeonError as e:
+        if cfg.deploy != "auto":
+            raise
+        result.undeployable[scheme] = str(e)
+        console.print(f"[yellow]deploy: no {scheme} checkpoints[/] — {e}")
+        return False
+    return True
 
 
 def _deploy(label: str, model_dir: Path, model, eval_windows: list, train_paths: list[Path], cfg: PipelineConfig,
-            out: Path, result: PipelineResult) -> None:
-    """`model_dir` written as a compressed-tensors checkpoint (deployed-<label>/, calibrated on the training text)
-    and evaluated as its format computes it, on the evaluation windows; for NVFP4 beside the fake-quant estimate
-    with the checkpoint's calibrated input scales (the dynamic per-token one is the NVFP4 column)."""
+            out: Path, result: PipelineResult, scheme: str, tail: str = "") -> None:
+    """`model_dir` written as a compressed-tensors checkpoint in `scheme` (deployed-<label><tail>/, calibrated on
+    the training text) and evaluated as its format computes it, on the evaluation windows; for NVFP4 beside the
+    fake-quant estimate with the checkpoint's calibrated input scales (the dynamic per-token one is the NVFP4
+    column)."""
     from .deploy import load_compressed, quantize, scheme_of
     from .evaluate import perplexity
     from .quant import fake_quantized
 
     t = time.perf_counter()
-    spec = scheme_of(cfg.deploy)
+    spec = scheme_of(scheme)
     console.print(f"[bold]deploy[/] {label}: {spec.name} compressed-tensors checkpoint, evaluated as it runs")
-    target = out / f"deployed-{label}"
+    target = out / f"deployed-{label}{tail}"
     report = quantize(model_dir, target, spec.name, text=train_paths, tokens=cfg.deploy_tokens, seq_len=cfg.seq_len,
                       batch_size=cfg.batch_size)
     figures = result.evals[label].perplexity
@@ -197,10 +283,10 @@ def _deploy(label: str, model_dir: Path, model, eval_windows: list, train_paths:
     deployed, _ = load_compressed(target)
     figures[f"deployed-{spec.name}"] = perplexity(deployed, eval_windows)[0]
     del deployed
-    result.deployed[label] = {"dir": target.name, "scheme": spec.name, "bytes": report.bytes_written,
+    result.deployed.setdefault(label, {})[spec.name] = {"dir": target.name, "scheme": spec.name, "bytes": report.bytes_written,
                               "bytes_source": report.bytes_source, "calibration_tokens": report.calibration_tokens,
                               "seconds": report.seconds}
-    result.stages[f"deploy {label}"] = time.perf_counter() - t
+    result.stages[f"deploy {label} {spec.name}"] = time.perf_counter() - t
 
 
 def run(cfg: PipelineConfig, out: str | Path, *, force: bool = False) -> PipelineResult:
@@ -208,13 +294,14 @@ def run(cfg: PipelineConfig, out: str | Path, *, force: bool = False) -> Pipelin
 
     if cfg.control and not cfg.train:
         raise SurgeonError("--control trains a control beside the main run: drop --no-train")
+    formats = target_formats(cfg)  # a bad --format: before any work
     out = Path(out)
     torch.manual_seed(0)
     paths = resolve_text(cfg.data)
     eval_paths, train_paths, overlap = split_text(paths, cfg.eval_files)
     source = resolve_model(cfg.model)
     recipe = load_recipe(cfg.recipe, steps=cfg.train_steps) if cfg.train else None  # bad recipe: before any work
-    if cfg.deploy:
+    if cfg.deploy and cfg.deploy != "auto":
         from .deploy import scheme_of
 
         scheme_of(cfg.deploy)  # a bad scheme: before any work
@@ -223,60 +310,75 @@ def run(cfg: PipelineConfig, out: str | Path, *, force: bool = False) -> Pipelin
         result = PipelineResult(out=out, text={"eval": [p.name for p in eval_paths],
                                                "train": [p.name for p in train_paths], "overlap": overlap})
         console.rule(f"[bold]1/{stages} source[/] {cfg.model}")
-        _scan_and_eval("source", source, eval_paths, cfg, tmp, result, train_paths)
+        _scan_and_eval("source", source, eval_paths, cfg, tmp, result, train_paths, deploy_schemes(cfg, formats))
 
         t = time.perf_counter()
         sinks_scan = tmp / "scan-source" / "scan.json" if result.scans["source"].sinks else None
-        optional = None
         if cfg.choose:
-            console.rule(f"[bold]2/{stages} choose[/] smooth and hadamard by {cfg.format} W4A4 error on the "
-                         "training text")
-            result.choice = choose_optional(cfg, source, sinks_scan, train_paths, tmp)
-            optional = result.choice.passes
-            (tmp / "choice.json").write_text(json.dumps(result.choice.as_dict(), indent=2) + "\n")
+            console.rule(f"[bold]2/{stages} choose[/] absorb-sinks, smooth and hadamard by "
+                         f"{'each format' if cfg.format == 'each' else cfg.format}'s W4A4 error on the training text")
+            result.choices, result.conversions = choose_conversions(cfg, source, sinks_scan, train_paths, tmp)
+            (tmp / "choice.json").write_text(json.dumps({t: c.as_dict() for t, c in result.choices.items()},
+                                                        indent=2) + "\n")
             result.stages["choose"] = time.perf_counter() - t
-            t = time.perf_counter()
-        passes = conversion_passes(cfg, sinks_scan, train_paths, optional=optional)
-        console.rule(f"[bold]2/{stages} convert[/] {' + '.join(p.name for p in passes)}, verified")
-        converted = tmp / DIRS["converted"]
-        report = convert(source, converted, passes, verify=True)
-        result.verify = report.verify
-        result.stages["convert + verify"] = time.perf_counter() - t
-
-        console.rule(f"[bold]3/{stages} converted[/]")
-        _scan_and_eval("converted", converted, eval_paths, cfg, tmp, result, train_paths)
-
-        if cfg.train:
-            from .export import export
-            from .train.loop import train
-
-            console.rule(f"[bold]4/{stages} train[/] {cfg.recipe}, {recipe.steps} steps on {len(train_paths)} "
-                         f"file{'s' * (len(train_paths) != 1)}")
-            t = time.perf_counter()
-            run_dir = tmp / "train"
-            trained = train(converted, train_paths, run_dir, recipe=recipe)
-            result.stages["train"] = time.perf_counter() - t
-            result.training = _training_summary(run_dir, trained.step, result.stages["train"])
-
-            console.rule(f"[bold]5/{stages} export[/] and the trained model")
-            t = time.perf_counter()
-            export(run_dir, tmp / DIRS["trained"])
-            shutil.rmtree(run_dir / "checkpoints")  # exported; the optimizer states are 3× the model
-            result.stages["export"] = time.perf_counter() - t
-            _scan_and_eval("trained", tmp / DIRS["trained"], eval_paths, cfg, tmp, result, train_paths)
-        if cfg.control:
-            _control(cfg, source, sinks_scan, train_paths, eval_paths, recipe, tmp, result, f"6/{stages}", optional)
-        write_report(tmp, cfg, result, report)
+        else:  # the fixed passes: one conversion, whatever the target (`each` is then `both`)
+            result.conversions = [Conversion(formats)]
+        for conversion in result.conversions:
+            _convert_and_train(cfg, conversion, source, sinks_scan, train_paths, eval_paths, recipe, tmp, result,
+                               stages)
+        write_report(tmp, cfg, result)
     console.print(f"[green]report:[/] {out / 'report.md'}")
     return result
 
 
-def _control(cfg: PipelineConfig, source: Path, sinks_scan: Path | None, train_paths: list[Path],
-             eval_paths: list[Path], recipe, tmp: Path, result: PipelineResult, stage: str,
+def _convert_and_train(cfg: PipelineConfig, conversion: Conversion, source: Path, sinks_scan: Path | None,
+                       train_paths: list[Path], eval_paths: list[Path], recipe, tmp: Path, result: PipelineResult,
+                       stages: int) -> None:
+    """One conversion's stages: convert and verify, scan and evaluate, train, export, scan and evaluate the
+    trained model, the control; labelled with the conversion's suffix."""
+    t = time.perf_counter()
+    optional = conversion.choice.passes if conversion.choice is not None else None
+    passes = conversion_passes(cfg, sinks_scan, train_paths, optional=optional)
+    what = f" for {' and '.join(f.upper() for f in conversion.formats)}" if conversion.suffix else ""
+    schemes = deploy_schemes(cfg, conversion.formats)
+    console.rule(f"[bold]2/{stages} convert{what}[/] {' + '.join(p.name for p in passes)}, verified")
+    converted = tmp / (DIRS["converted"] + conversion.suffix)
+    conversion.report = convert(source, converted, passes, verify=True)
+    result.stages[conversion.label("convert + verify")] = time.perf_counter() - t
+
+    console.rule(f"[bold]3/{stages} converted{what}[/]")
+    _scan_and_eval(conversion.label("converted"), converted, eval_paths, cfg, tmp, result, train_paths, schemes)
+
+    if cfg.train:
+        from .export import export
+        from .train.loop import train
+
+        console.rule(f"[bold]4/{stages} train{what}[/] {cfg.recipe}, {recipe.steps} steps on {len(train_paths)} "
+                     f"file{'s' * (len(train_paths) != 1)}")
+        t = time.perf_counter()
+        run_dir = tmp / conversion.label("train")
+        trained = train(converted, train_paths, run_dir, recipe=recipe)
+        result.stages[conversion.label("train")] = time.perf_counter() - t
+        conversion.training = _training_summary(run_dir, trained.step, result.stages[conversion.label("train")])
+
+        console.rule(f"[bold]5/{stages} export[/] and the trained model{what}")
+        t = time.perf_counter()
+        export(run_dir, tmp / (DIRS["trained"] + conversion.suffix))
+        shutil.rmtree(run_dir / "checkpoints")  # exported; the optimizer states are 3× the model
+        result.stages[conversion.label("export")] = time.perf_counter() - t
+        _scan_and_eval(conversion.label("trained"), tmp / (DIRS["trained"] + conversion.suffix), eval_paths, cfg,
+                       tmp, result, train_paths, schemes)
+    if cfg.control:
+        _control(cfg, conversion, source, sinks_scan, train_paths, eval_paths, recipe, tmp, result, f"6/{stages}",
+                 optional)
+
+
+def _control(cfg: PipelineConfig, conversion: Conversion, source: Path, sinks_scan: Path | None,
+             train_paths: list[Path], eval_paths: list[Path], recipe, tmp: Path, result: PipelineResult, stage: str,
              optional: list | None = None) -> None:
-    """The same run without the norm modules: the main job's other passes (the optional ones the chooser kept for
-    the main run) on the source, the same recipe, budget and text, exported to model-control/ and evaluated beside
-    the trained model."""
+    """The same run without the norm modules: the conversion's other passes (the optional ones the chooser kept for
+    it) on the source, the same recipe, budget and text, exported to model-control/ and evaluated beside the
+    trained model."""
     from .export import export
     from .train.loop import train
 
@@ -286,18 +388,19 @@ def _control(cfg: PipelineConfig, source: Path, sinks_scan: Path | None, train_p
     t = time.perf_counter()
     model, verify = source, None
     if passes:  # with every other pass off, the control is the source itself, trained
-        model = tmp / DIRS["control-converted"]
+        model = tmp / (DIRS["control-converted"] + conversion.suffix)
         verify = convert(source, model, passes, verify=True).verify
-    run_dir = tmp / "train-control"
+    run_dir = tmp / conversion.label("train-control")
     tic = time.perf_counter()
     trained = train(model, train_paths, run_dir, recipe=recipe)
     seconds = time.perf_counter() - tic  # the training alone, as the main run's figure
-    export(run_dir, tmp / DIRS["control"])
+    export(run_dir, tmp / (DIRS["control"] + conversion.suffix))
     shutil.rmtree(run_dir / "checkpoints")
-    result.stages["control: convert + train + export"] = time.perf_counter() - t
-    result.control = {"transforms": [p.name for p in passes], "verify": verify,
-                      "training": _training_summary(run_dir, trained.step, seconds)}
-    _scan_and_eval("control", tmp / DIRS["control"], eval_paths, cfg, tmp, result, train_paths)
+    result.stages[conversion.label("control: convert + train + export")] = time.perf_counter() - t
+    conversion.control = {"transforms": [p.name for p in passes], "verify": verify,
+                          "training": _training_summary(run_dir, trained.step, seconds)}
+    _scan_and_eval(conversion.label("control"), tmp / (DIRS["control"] + conversion.suffix), eval_paths, cfg, tmp,
+                   result, train_paths, deploy_schemes(cfg, conversion.formats))
 
 
 def _training_summary(run_dir: Path, steps: int, seconds: float) -> dict:
@@ -355,36 +458,52 @@ def _objectives_text(objectives: dict) -> str:
     return ", ".join(parts)
 
 
-def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, conversion) -> None:
-    labels = [label for label in LABELS if label in result.scans]
+def _surgeon_block(conversion: Conversion) -> dict:
+    return json.loads((conversion.report.output / "config.json").read_text()).get("surgeon", {})
+
+
+def _conversion_text(conversion: Conversion) -> str:
+    """What the conversion ran, its parameters and its verification, in a sentence."""
+    report, surgeon = conversion.report, _surgeon_block(conversion)
+    what = (f"For {' and '.join(f.upper() for f in conversion.formats)} (`{DIRS['converted'] + conversion.suffix}/`): "
+            if conversion.suffix else "")
+    return (what + f"converted with {', '.join(report.transforms)} ("
+            + "; ".join(filter(None, (p.describe(surgeon[p.key], text="training") for p in _applied(surgeon))))
+            + f"): +{report.params_after - report.params_before:,} parameters; verified max |Δlogit| "
+              f"{conversion.verify['max_abs_diff']:.3g} over {conversion.verify['tokens']} tokens.")
+
+
+def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult) -> None:
+    labels = list(result.scans)
     scans = [result.scans[label] for label in labels]
     text = result.text
-    surgeon = json.loads((conversion.output / "config.json").read_text()).get("surgeon", {})
-    applied = _applied(surgeon)
+    first = result.conversions[0].report
     lines = [
         f"# surgeon main job: {cfg.model}", "",
-        f"Model `{cfg.model}` ({conversion.family}, {conversion.params_before:,} parameters), text `{cfg.data}`. "
-        f"Converted with {', '.join(conversion.transforms)} ("
-        + "; ".join(filter(None, (p.describe(surgeon[p.key], text="training") for p in applied))) + "): "
-        f"+{conversion.params_after - conversion.params_before:,} parameters; verified max |Δlogit| "
-        f"{result.verify['max_abs_diff']:.3g} over {result.verify['tokens']} tokens.", "",
+        f"Model `{cfg.model}` ({first.family}, {first.params_before:,} parameters), text `{cfg.data}`.", "",
     ]
-    if result.training:
-        tr = result.training
-        lines += [f"Trained {tr['steps']} steps ({tr['tokens']:,} tokens, median {tr['tokens_per_s_median']:.0f} "
-                  f"tokens/s, {tr['seconds'] / 60:.1f} min) with recipe `{cfg.recipe}`: "
-                  f"{_objectives_text(tr['objectives'])}; lr {tr['recipe']['lr']:g} (pretrained), "
-                  f"{tr['recipe']['lr_new']:g} (gates, PreAffine)"
-                  + (f", {tr['recipe'].get('lr_attention_gate') or tr['recipe']['lr_new']:g} (attention gates)"
-                     if "gated_attention" in surgeon else "")
-                  + ("; AdamW stepping the source's weights, unsmoothed and unrotated (optimizer_coordinates: source)"
-                     if tr["recipe"].get("optimizer_coordinates") == "source" else "")
-                  + f". Exported to `{DIRS['trained']}/`.", ""]
-    if result.control:
-        tr = result.control["training"]
-        lines += [f"Control: the source converted with {' + '.join(result.control['transforms']) or 'no pass'}, "
-                  f"trained the same {tr['steps']} steps ({tr['tokens']:,} tokens, {tr['seconds'] / 60:.1f} min) with "
-                  f"the same recipe; exported to `{DIRS['control']}/`.", ""]
+    if len(result.conversions) > 1:
+        lines += ["The passes the chooser kept for NVFP4 and for INT4 differ, so there is a conversion per format "
+                  "(`--format each`), each evaluated in both.", ""]
+    for conversion in result.conversions:
+        lines += [_conversion_text(conversion), ""]
+        tr = conversion.training
+        if tr:
+            surgeon = _surgeon_block(conversion)
+            lines += [f"Trained {tr['steps']} steps ({tr['tokens']:,} tokens, median {tr['tokens_per_s_median']:.0f} "
+                      f"tokens/s, {tr['seconds'] / 60:.1f} min) with recipe `{cfg.recipe}`: "
+                      f"{_objectives_text(tr['objectives'])}; lr {tr['recipe']['lr']:g} (pretrained), "
+                      f"{tr['recipe']['lr_new']:g} (gates, PreAffine)"
+                      + (f", {tr['recipe'].get('lr_attention_gate') or tr['recipe']['lr_new']:g} (attention gates)"
+                         if "gated_attention" in surgeon else "")
+                      + ("; AdamW stepping the source's weights, unsmoothed and unrotated (optimizer_coordinates: "
+                         "source)" if tr["recipe"].get("optimizer_coordinates") == "source" else "")
+                      + f". Exported to `{DIRS['trained'] + conversion.suffix}/`.", ""]
+        if conversion.control:
+            tr = conversion.control["training"]
+            lines += [f"Control: the source converted with {' + '.join(conversion.control['transforms']) or 'no pass'}"
+                      f", trained the same {tr['steps']} steps ({tr['tokens']:,} tokens, {tr['seconds'] / 60:.1f} min) "
+                      f"with the same recipe; exported to `{DIRS['control'] + conversion.suffix}/`.", ""]
     if text.get("overlap"):
         lines += ["**Note:** the text has too few files to hold some out, so evaluation windows come from the "
                   "training text.", ""]
@@ -410,28 +529,41 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
                      _attention_gate_figures))
     for label, get in rows:
         lines.append(f"| {label} | " + " | ".join(get(r) for r in scans) + " |")
-    if result.training and result.training.get("heldout_last"):
+    values = {}
+    for conversion in result.conversions:
+        if not (conversion.training and conversion.training.get("heldout_last")):
+            continue
         # the training measures the converted model (step 0) and the trained one; the source has the converted
         # model's linear inputs only when no pass changed them (smooth and hadamard do)
         figure = "{0[linear_input_max_rms]:.1f} ({0[linear_input_max_rms_worst]:.1f})".format
-        first = result.training["heldout_first"]
-        changed = any(p.changes_linear_inputs for p in applied)
-        values = {"source": "–" if changed else figure(first), "converted": figure(first),
-                  "trained": figure(result.training["heldout_last"])}
-        if result.control and result.control["training"].get("heldout_last"):
-            values["control"] = figure(result.control["training"]["heldout_last"])
+        heldout = conversion.training["heldout_first"]
+        changed = any(p.changes_linear_inputs for p in _applied(_surgeon_block(conversion)))
+        if not changed:
+            values["source"] = figure(heldout)
+        values[conversion.label("converted")] = figure(heldout)
+        values[conversion.label("trained")] = figure(conversion.training["heldout_last"])
+        if conversion.control and conversion.control["training"].get("heldout_last"):
+            values[conversion.label("control")] = figure(conversion.control["training"]["heldout_last"])
+    if values:
         lines.append("| linear-input max/RMS, mean (worst) — training's held-out | "
                      + " | ".join(values.get(label, "–") for label in labels) + " |")
-    if result.choice is not None:
-        from .choose import markdown
+    if result.choices:
+        from .choose import SIGNIFICANCE, markdown
 
-        choice = result.choice
-        lines += ["", "## Passes chosen by measurement", "",
-                  f"Each optional pass was converted and measured on {choice.tokens:,} tokens of the training text "
-                  f"(not the evaluation text): the KL divergence of the fake-quantized model's next-token "
-                  f"distribution from the fp32 model's, in {' and '.join(f.upper() for f in choice.formats)} W4A4; "
-                  "a pass is kept only where that is lower in every target format. Kept: "
-                  + (", ".join(choice.labels()) or "none") + ".", "", *markdown(choice)]
+        lines += ["", "## Passes chosen by measurement", ""]
+        for target, choice in result.choices.items():
+            users = [c for c in result.conversions if c.choice is choice]
+            if len(result.choices) > 1:
+                lines += [f"### For {' and '.join(f.upper() for f in choice.formats)}", ""]
+            lines += [f"Each optional pass was converted and measured on {choice.tokens:,} tokens of the training "
+                      f"text (not the evaluation text): the KL divergence of the fake-quantized model's next-token "
+                      f"distribution from the fp32 model's, in {' and '.join(f.upper() for f in choice.shown)} W4A4; "
+                      f"a pass is kept only where that is lower in "
+                      f"{' and '.join(f.upper() for f in choice.formats)}, window by window by more than "
+                      f"{SIGNIFICANCE:g} standard errors. Kept: " + (", ".join(choice.labels()) or "none")
+                      + (f" (`{DIRS['converted'] + users[0].suffix}/`)" if users and users[0].suffix else "")
+                      + ".", "", *markdown(choice), ""]
+        lines.pop()  # the blank after the last table: the next section starts with one
     columns = list(dict.fromkeys(f for ev in result.evals.values() for f in ev.perplexity if f != "none"))
     smoothed = any(f.endswith("+sq") for f in columns)
     lines += ["", "## Perplexity and W4A4", "",
@@ -448,73 +580,97 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult, convers
                                   for f in columns) + " |")
     if result.deployed:
         lines += ["", *_deployed_section(result)]
-    if "trained" in result.evals:
-        src, out_ev = result.evals["source"].perplexity, result.evals["trained"].perplexity
-        lines += ["", "Trained ÷ source perplexity: " + ", ".join(
-            f"{'fp32' if f == 'none' else _format_label(f)} {out_ev[f] / src[f]:.2f}×" for f in ("none", *columns))
-            + "."]
-    if "control" in result.evals:
-        lines += _control_section(result, columns)
-    lines += ["", "The converted model computes the same function as the source: "
-              + "".join(p.explain(surgeon) for p in applied)  # each pass says why it keeps the function
-              + "What is left of the outliers in the linear inputs is what the continued pretraining has to train "
-              "away.", "", "## Plots", ""]
+    for scheme, why in result.undeployable.items():
+        lines += ["", f"No `{scheme}` checkpoints (deploy auto): {why}."]
+    src = result.evals["source"].perplexity
+    for conversion in result.conversions:
+        if conversion.label("trained") not in result.evals:
+            continue
+        out_ev = result.evals[conversion.label("trained")].perplexity
+        lines += ["", f"{conversion.label('trained').capitalize()} ÷ source perplexity: " + ", ".join(
+            f"{'fp32' if f == 'none' else _format_label(f)} {out_ev[f] / src[f]:.2f}×"
+            for f in ("none", *columns) if f in out_ev and f in src) + "."]
+        if conversion.label("control") in result.evals:
+            lines += _control_section(result, conversion, columns)
+    for conversion in result.conversions:
+        surgeon = _surgeon_block(conversion)
+        lines += ["", (f"The {conversion.label('converted')} model" if conversion.suffix else "The converted model")
+                  + " computes the same function as the source: "
+                  + "".join(p.explain(surgeon) for p in _applied(surgeon))]  # each pass says why it keeps the function
+    lines[-1] += ("What is left of the outliers in the linear inputs is what the continued pretraining has to train "
+                  "away.")
+    lines += ["", "## Plots", ""]
     for label in labels:
         for png in sorted((out / f"scan-{label}").glob("*.png")):
             lines.append(f"![{label} {png.stem}](scan-{label}/{png.name})")
-    for run_dir, what in (("train", "training"), ("train-control", "control training")):
-        for png in sorted((out / run_dir).glob("*.png")) if (out / run_dir).is_dir() else ():
-            lines.append(f"![{what} {png.stem}]({run_dir}/{png.name})")
+    for conversion in result.conversions:
+        for run_dir, what in (("train", "training"), ("train-control", "control training")):
+            run_dir = conversion.label(run_dir)
+            for png in sorted((out / run_dir).glob("*.png")) if (out / run_dir).is_dir() else ():
+                lines.append(f"![{what}{conversion.suffix} {png.stem}]({run_dir}/{png.name})")
     lines += ["", "## Stages", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in result.stages.items()]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps({
-        "config": asdict(cfg), "verify": result.verify, "stages": result.stages, "text": result.text,
+        "config": asdict(cfg), "stages": result.stages, "text": result.text,
+        "conversions": [{"label": c.label("converted"), "formats": list(c.formats), "verify": c.verify,
+                         "transforms": c.report.transforms, "training": c.training, "control": c.control,
+                         "kept": c.choice.labels() if c.choice is not None else None} for c in result.conversions],
+        "verify": result.verify, "training": result.training, "control": result.control,  # the first conversion's
         "perplexity": {k: v.perplexity for k, v in result.evals.items()},
-        "peak": {k: v.peak for k, v in result.scans.items()}, "training": result.training,
-        "control": result.control, "choice": None if result.choice is None else result.choice.as_dict(),
-        "deployed": result.deployed,
+        "peak": {k: v.peak for k, v in result.scans.items()},
+        "choice": {t: c.as_dict() for t, c in result.choices.items()} or None,
+        "deployed": result.deployed, "undeployable": result.undeployable,
     }, indent=2) + "\n")
 
 
 def _deployed_section(result: PipelineResult) -> list[str]:
-    """What the deployed checkpoints compute beside the fake-quant estimates, and the difference, per model."""
-    scheme = next(iter(result.deployed.values()))["scheme"]
-    key = f"deployed-{scheme}"
-    lines = [f"\"deployed {scheme.upper()}\": each model written as a compressed-tensors `{scheme}` checkpoint "
-             f"(`deployed-<model>/`, surgeon quantize: its inputs' global scales calibrated on "
-             f"{next(iter(result.deployed.values()))['calibration_tokens']:,} tokens of the training text) and "
-             "evaluated as that format computes it."]
-    parts = []
-    for label, d in result.deployed.items():
-        ppl = result.evals[label].perplexity
-        part = f"{label} ×{ppl[key] / ppl['none']:.3f} ({d['bytes'] / 1e6:,.0f} MB of weights, the model's " \
-               f"{d['bytes_source'] / 1e6:,.0f} MB)"
-        if "nvfp4-static" in ppl and scheme == "nvfp4":
-            part += (f": {100 * (ppl[key] / ppl['nvfp4-static'] - 1):+.2f}% from the static-scale estimate, "
-                     f"{100 * (ppl[key] / ppl['nvfp4'] - 1):+.2f}% from the per-token one")
-        parts.append(part)
-    return lines + ["Deployed ratio to fp32: " + "; ".join(parts) + "."]
+    """What the deployed checkpoints compute beside the fake-quant estimates, and the difference, per model and
+    scheme."""
+    written = [(label, scheme, d) for label, by in result.deployed.items() for scheme, d in by.items()]
+    tokens = written[0][2]["calibration_tokens"]
+    schemes = list(dict.fromkeys(scheme for _, scheme, _ in written))
+    lines = [f"\"deployed <scheme>\": each model written as a compressed-tensors checkpoint in "
+             f"{' and '.join(f'`{s}`' for s in schemes)} (`deployed-<model>/`, surgeon quantize: NVFP4's input global "
+             f"scales calibrated on {tokens:,} tokens of the training text) and evaluated as that format computes it."]
+    for scheme in schemes:
+        key = f"deployed-{scheme}"
+        parts = []
+        for label, s, d in written:
+            if s != scheme:
+                continue
+            ppl = result.evals[label].perplexity
+            part = (f"{label} ×{ppl[key] / ppl['none']:.3f} ({d['bytes'] / 1e6:,.0f} MB of weights, the model's "
+                    f"{d['bytes_source'] / 1e6:,.0f} MB)")
+            if "nvfp4-static" in ppl and scheme == "nvfp4":
+                part += (f": {100 * (ppl[key] / ppl['nvfp4-static'] - 1):+.2f}% from the static-scale estimate, "
+                         f"{100 * (ppl[key] / ppl['nvfp4'] - 1):+.2f}% from the per-token one")
+            parts.append(part)
+        lines.append(f"Deployed {scheme.upper()} ratio to fp32: " + "; ".join(parts) + ".")
+    return lines
 
 
-def _control_section(result: PipelineResult, columns: list[str]) -> list[str]:
+def _control_section(result: PipelineResult, conversion: Conversion, columns: list[str]) -> list[str]:
     """What the norm modules bought: the trained model beside the control (the same passes without the modules,
     the same recipe, budget and text), with the ratio; below 1 the modules helped."""
-    trained, control = result.evals["trained"].perplexity, result.evals["control"].perplexity
-    passes = result.control["transforms"]
-    lines = ["", "## What the norm modules bought", "",
+    trained_label, control_label = conversion.label("trained"), conversion.label("control")
+    trained, control = result.evals[trained_label].perplexity, result.evals[control_label].perplexity
+    passes = conversion.control["transforms"]
+    columns = [f for f in columns if f in trained and f in control]
+    lines = ["", f"## What the norm modules bought{' (' + conversion.suffix[1:].upper() + ')' if conversion.suffix else ''}",
+             "",
              f"The control is the source converted with {' + '.join(passes) if passes else 'no pass'} (the main "
              f"run's passes without the norm modules), trained with the same recipe, budget and text, and exported "
-             f"to `{DIRS['control']}/`.", "",
+             f"to `{DIRS['control'] + conversion.suffix}/`.", "",
              "| | fp32 | " + " | ".join(_format_label(f) for f in columns) + " | residual peak |",
              "|---|---:|" + "---:|" * (len(columns) + 1)]
-    peaks = {k: result.scans[k].peak["value"] for k in ("trained", "control")}
-    for label, ppl in (("trained (norm modules)", trained), ("control (without)", control)):
-        key = label.split()[0]
+    peaks = {k: result.scans[k].peak["value"] for k in (trained_label, control_label)}
+    for label, key, ppl in (("trained (norm modules)", trained_label, trained),
+                            ("control (without)", control_label, control)):
         lines.append(f"| {label} | {ppl['none']:.2f} | " + " | ".join(f"{ppl[f]:,.1f}" for f in columns)
                      + f" | {_fmt(peaks[key])} |")
     lines.append("| trained ÷ control | " + " | ".join(f"{trained[f] / control[f]:.3f}" for f in ("none", *columns))
-                 + f" | {peaks['trained'] / peaks['control']:.3f} |")
+                 + f" | {peaks[trained_label] / peaks[control_label]:.3f} |")
     return lines
 
 

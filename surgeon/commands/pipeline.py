@@ -1,5 +1,5 @@
 """surgeon pipeline [--model default] [--data default] --out DIR: the main job — scan the source, choose smooth and
-hadamard by the --format W4A4 error they leave, convert it (PreAffine + absorb-sinks + the chosen passes, GatedNorm
+absorb-sinks, smooth and hadamard by the W4A4 error they leave in each --format (a conversion per format where they differ), convert it (PreAffine + absorb-sinks + the chosen passes, GatedNorm
 with --gated-norm, gated attention with --gated-attention; verified), scan the result, train it with the tuned recipe, export it,
 evaluate source, converted and trained side by side (fp32, NVFP4 and INT4 W4A4), write report.md."""
 
@@ -30,8 +30,10 @@ def add_arguments(p) -> None:
                    help="keep smooth (at one of --smooth-alphas) and hadamard (every group or one) only where they "
                         "lower the --format W4A4 error, measured on the training text (default: on); --no-choose: "
                         "smooth at --smooth-alpha and hadamard everywhere, unmeasured")
-    p.add_argument("--format", choices=["nvfp4", "int4", "both"], default=d.format,
-                   help="W4A4 format(s) the chosen passes must not make worse (%(default)s)")
+    p.add_argument("--format", choices=["nvfp4", "int4", "both", "each"], default=d.format,
+                   help="W4A4 format(s) the chosen passes must lower: each — a search per format, and a conversion "
+                        "per format where their kept passes differ; both — one conversion that lowers both; nvfp4 "
+                        "or int4 alone (%(default)s)")
     p.add_argument("--smooth-alphas", type=_alphas, default=d.smooth_alphas,
                    help="smooth's α candidates for the chooser, comma-separated (default: "
                         f"{','.join(f'{a:g}' for a in d.smooth_alphas)})")
@@ -50,7 +52,8 @@ def add_arguments(p) -> None:
                         "report it beside the trained model: what the modules bought")
     p.add_argument("--deploy", default=d.deploy,
                    help="write each model as a compressed-tensors checkpoint in this scheme (nvfp4, nvfp4a16, w4a4, "
-                        "w4a16) and evaluate it as it runs (%(default)s)")
+                        "w4a16) and evaluate it as it runs; auto: in the W4A4 scheme of each format it targets "
+                        "(nvfp4, w4a4) (%(default)s)")
     p.add_argument("--no-deploy", action="store_true", help="no compressed-tensors checkpoints")
     p.add_argument("--force", action="store_true", help="replace an existing run directory")
 
