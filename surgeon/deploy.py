@@ -61,7 +61,9 @@ class Scheme:
                                    dynamic=False)
         inputs = None if not self.activation else QuantizationArgs(num_bits=4, type="int", strategy="token",
                                                                    symmetric=True, dynamic=True)
-        return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=inputs)
+        # the format on the scheme, not forced on the compressor: forced, compressed-tensors warns once per linear
+        # that for INT4 inputs it would infer int-quantized (8-bit storage); the weights are packed on purpose
+        return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=inputs, format=self.format)
 
 
 SCHEMES = {s.name: s for s in (
@@ -216,7 +218,7 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, scheme: str = "n
         apply_quantization_config(model, config)
         set_parameters(model, layers, spec, amax)
         advance(1)
-        compressor = ModelCompressor.from_pretrained_model(model, quantization_format=spec.format)
+        compressor = ModelCompressor.from_pretrained_model(model)  # each scheme carries its format
         compressor.compress_model(model)
         advance(1)
         with staged_directory(out, force=force, sources=(source,)) as tmp:

@@ -11,7 +11,7 @@ from tiny import make_tiny
 from surgeon.cli import main
 from surgeon.commands.inspect import describe
 from surgeon.errors import SurgeonError
-from surgeon.pipeline import PipelineConfig, run, split_text
+from surgeon.pipeline import PipelineConfig, conversion_passes, run, split_text
 
 pytestmark = pytest.mark.usefixtures("restore_environment")  # the pipeline trains in-process
 
@@ -233,6 +233,24 @@ def test_the_default_passes(tmp_path):
                                                                       "hadamard"]
         assert [p.name for p in conversion_passes(cfg, None, [tmp_path / "t.txt"], control=True)] == ["smooth",
                                                                                                  "hadamard"]
+
+
+def test_the_chooser_gets_absorb_sinks_as_a_candidate_and_deploy_auto_follows_the_target(tmp_path):
+    """With the chooser, absorb-sinks is no longer in the base but among what it chose; deploy "auto" writes each
+    model in its target formats' W4A4 schemes; a bad --format fails before any work."""
+    from surgeon.pipeline import deploy_schemes
+
+    cfg = PipelineConfig()
+    assert cfg.format == "each" and cfg.deploy == "auto"
+    names = [p.name for p in conversion_passes(cfg, tmp_path / "scan.json", [tmp_path / "t.txt"], optional=[])]
+    assert names == ["pre-affine"]  # the chooser's base: absorb-sinks is its first candidate
+    assert deploy_schemes(cfg, ("nvfp4", "int4")) == ("nvfp4", "w4a4")
+    assert deploy_schemes(cfg, ("int4",)) == ("w4a4",)
+    assert deploy_schemes(PipelineConfig(deploy="nvfp4a16"), ("int4",)) == ("nvfp4a16",)
+    assert deploy_schemes(PipelineConfig(deploy=None), ("nvfp4",)) == ()
+    with pytest.raises(SurgeonError, match="unknown --format 'fp8': use one of nvfp4, int4, both, each"):
+        run(PipelineConfig(format="fp8"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_defaults_are_the_shipped_yaml():
