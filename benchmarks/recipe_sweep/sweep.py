@@ -33,7 +33,9 @@ HERE = Path(__file__).resolve().parent
 BASE = HERE / "base.yaml"
 GRID = HERE / "grid.yaml"
 # grid.yaml's `model` → the pipeline flags of its training-free conversion (None: the unconverted default)
-MODELS = {"source": None, "converted": ["--no-smooth", "--no-hadamard"], "smooth": ["--no-hadamard"], "hadamard": []}
+# the fixed passes (--no-choose: the sweep's models are what it names, not what the chooser would keep)
+MODELS = {"source": None, "converted": ["--no-choose", "--no-smooth", "--no-hadamard"],
+          "smooth": ["--no-choose", "--no-hadamard"], "hadamard": ["--no-choose"]}
 RESMOOTH_MODEL = "smooth"
 RESMOOTH_ALPHA = 0.8  # the smooth model's own α, so the recalibration changes only the activations it sees
 
