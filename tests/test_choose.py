@@ -198,6 +198,26 @@ def test_the_pipeline_converts_with_what_the_chooser_kept_and_reports_it(outlier
     assert result.verify["ok"] and "choose" in result.stages
 
 
+def test_the_rotation_alone_replaces_a_smooth_it_makes_unneeded(outlier, text, monkeypatch):
+    """Planted: smooth α 0.5 lowers INT4 alone, but beneath the rotation it raises it — so the smooth-again stage's
+    "no smooth" candidate is kept and the choice is the rotation alone."""
+    import surgeon.choose
+
+    def planted(source, passes, ids, formats, out, label, show, reference):
+        names = [p.name for p in passes]
+        int4_ = 10.0 - 2.0 * ("smooth" in names) - 6.0 * ("hadamard" in names) + 3.0 * ("smooth" in names and
+                                                                                       "hadamard" in names)
+        return {f: {"kl": int4_, "perplexity": math.exp(int4_), "kl_windows": [int4_ * (1 + 0.01 * (-1) ** i)
+                                                                               for i in range(8)]} for f in formats}
+
+    monkeypatch.setattr(surgeon.choose, "_measure", planted)
+    choice = choose(outlier, [PreAffine()], [text], target="int4", alphas=(0.5,), **KW)
+    rows = {t.label: t.verdict for t in choice.trials}
+    assert rows["smooth α 0.5"] == "replaced" and rows["hadamard all"] == "kept"
+    assert rows["no smooth beneath hadamard all"] == "kept"
+    assert choice.labels() == ["hadamard all"] and [p.name for p in choice.passes] == ["hadamard"]
+
+
 def test_a_difference_the_windows_do_not_agree_on_is_noise():
     """Paired windows: a mean 5% lower that two of eight windows contradict by more is not kept; the same mean with
     every window lower is."""
@@ -237,6 +257,9 @@ def test_absorb_is_a_candidate_and_each_format_gets_its_own_search(outlier, text
     assert {t.label: t.verdict for t in int4_.trials}["absorb-sinks"] == "kept"
     assert "absorb-sinks" not in nvfp4.labels() and int4_.labels()[0] == "absorb-sinks"
     assert "attention_out" in int4_.passes[-1].groups
+    int4_rows = {t.label: t.verdict for t in int4_.trials}
+    assert int4_rows["smooth α 0.5"] == "kept"  # and the rotation without it is tried, and is worse here
+    assert int4_rows[f"no smooth beneath {surgeon.choose.hadamard_label(int4_.passes[-1].groups)}"] == "worse"
     assert not any(p.name == "hadamard" and "attention_out" in p.groups for p in nvfp4.passes)
     assert all(t.passes[1].name == "absorb-sinks" for t in int4_.trials if t.stage in ("smooth", "hadamard"))
     assert len(calls) == len(set(calls))  # shared: no pass list converted twice
