@@ -98,7 +98,12 @@ class Conversion:
     control: dict | None = None  # the control's passes, verification and training summary
 
     def label(self, stage: str) -> str:
+        """A model's or run directory's name: converted-int4."""
         return stage + self.suffix
+
+    def stage(self, stage: str) -> str:
+        """A stage's name in the report's timings: train (int4)."""
+        return f"{stage} ({self.suffix[1:]})" if self.suffix else stage
 
     @property
     def verify(self) -> dict:
@@ -344,7 +349,7 @@ def _convert_and_train(cfg: PipelineConfig, conversion: Conversion, source: Path
     console.rule(f"[bold]2/{stages} convert{what}[/] {' + '.join(p.name for p in passes)}, verified")
     converted = tmp / (DIRS["converted"] + conversion.suffix)
     conversion.report = convert(source, converted, passes, verify=True)
-    result.stages[conversion.label("convert + verify")] = time.perf_counter() - t
+    result.stages[conversion.stage("convert + verify")] = time.perf_counter() - t
 
     console.rule(f"[bold]3/{stages} converted{what}[/]")
     _scan_and_eval(conversion.label("converted"), converted, eval_paths, cfg, tmp, result, train_paths, schemes)
@@ -358,14 +363,14 @@ def _convert_and_train(cfg: PipelineConfig, conversion: Conversion, source: Path
         t = time.perf_counter()
         run_dir = tmp / conversion.label("train")
         trained = train(converted, train_paths, run_dir, recipe=recipe)
-        result.stages[conversion.label("train")] = time.perf_counter() - t
-        conversion.training = _training_summary(run_dir, trained.step, result.stages[conversion.label("train")])
+        result.stages[conversion.stage("train")] = time.perf_counter() - t
+        conversion.training = _training_summary(run_dir, trained.step, result.stages[conversion.stage("train")])
 
         console.rule(f"[bold]5/{stages} export[/] and the trained model{what}")
         t = time.perf_counter()
         export(run_dir, tmp / (DIRS["trained"] + conversion.suffix))
         shutil.rmtree(run_dir / "checkpoints")  # exported; the optimizer states are 3× the model
-        result.stages[conversion.label("export")] = time.perf_counter() - t
+        result.stages[conversion.stage("export")] = time.perf_counter() - t
         _scan_and_eval(conversion.label("trained"), tmp / (DIRS["trained"] + conversion.suffix), eval_paths, cfg,
                        tmp, result, train_paths, schemes)
     if cfg.control:
@@ -396,7 +401,7 @@ def _control(cfg: PipelineConfig, conversion: Conversion, source: Path, sinks_sc
     seconds = time.perf_counter() - tic  # the training alone, as the main run's figure
     export(run_dir, tmp / (DIRS["control"] + conversion.suffix))
     shutil.rmtree(run_dir / "checkpoints")
-    result.stages[conversion.label("control: convert + train + export")] = time.perf_counter() - t
+    result.stages[conversion.stage("control: convert + train + export")] = time.perf_counter() - t
     conversion.control = {"transforms": [p.name for p in passes], "verify": verify,
                           "training": _training_summary(run_dir, trained.step, seconds)}
     _scan_and_eval(conversion.label("control"), tmp / (DIRS["control"] + conversion.suffix), eval_paths, cfg, tmp,

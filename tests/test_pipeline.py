@@ -285,4 +285,7 @@ def test_each_pass_describes_itself_in_the_report():
     assert GatedNorm.explain(surgeon) == "the gates are identity-initialized, and "
     assert "GatedNorm's down projection" in Smooth.explain(surgeon)
     assert "Activation quantization sees the same values" in AbsorbSinks.explain({"absorb_sinks": {}})
+    from surgeon.transforms import PreAffine
+
+    assert PreAffine.explain({}).startswith("PreAffine starts at λ = 1") and PreAffine.explain(surgeon) == ""
     assert "Activation quantization" not in AbsorbSinks.explain(surgeon)

@@ -21,6 +21,12 @@ class PreAffine(NormTransform):
     key = "pre_affine"
     module_pass = True  # inserts the paper's module: `pipeline --control` leaves it out
 
+    @classmethod
+    def explain(cls, surgeon: dict) -> str:
+        if "absorb_sinks" in surgeon:  # its clause says what the vectors hold
+            return ""
+        return "PreAffine starts at λ = 1, the identity, so every linear reads what the source's does. "
+
     def rewrite_norm(self, plan: Plan, norm: str) -> None:
         weight = plan.require(f"{norm}.weight").spec
         (d,) = weight.shape
