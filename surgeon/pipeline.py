@@ -171,19 +171,20 @@ def split_text(paths: list[Path], eval_files: int) -> tuple[list[Path], list[Pat
 def conversion_passes(cfg: PipelineConfig, sinks_scan: Path | None, train_paths: list[Path], *,
                       control: bool = False, optional: list | None = None) -> list:
     """The main job's passes in order: GatedNorm (with `gated_norm`), gated attention (with `gated_attention`),
-    PreAffine, then the optional passes: `optional` (what the chooser kept, absorb-sinks among them), else
-    absorb-sinks (when the scan found sinks), smooth and hadamard as the config fixes them. `control`: the same
+    PreAffine, absorb-sinks (when the scan found sinks, unless the chooser decides it: absorb_is_chosen), then the
+    optional passes: `optional` (what the chooser kept), else smooth and hadamard as the config fixes them.
+    `control`: the same
     without the passes that insert or work through the paper's modules (each pass's `module_pass`), so the control
     differs from the main run by the modules alone."""
     passes = [GatedNorm(rank=cfg.rank)] if cfg.gated_norm else []
     if cfg.gated_attention:
         passes.append(GatedAttention())
     passes.append(PreAffine())
+    if sinks_scan is not None and not absorb_is_chosen(cfg, optional):
+        passes.append(AbsorbSinks(scan=sinks_scan))
     if optional is not None:
         passes += optional
     else:
-        if sinks_scan is not None:
-            passes.append(AbsorbSinks(scan=sinks_scan))
         if cfg.smooth_alpha is not None:  # calibrated on the training text: the evaluation text stays unseen
             passes.append(Smooth(data=train_paths, alpha=cfg.smooth_alpha, seq_len=cfg.seq_len))
         if cfg.hadamard:
@@ -191,17 +192,28 @@ def conversion_passes(cfg: PipelineConfig, sinks_scan: Path | None, train_paths:
     return [p for p in passes if not (control and p.module_pass)]
 
 
+def absorb_is_chosen(cfg: PipelineConfig, optional: list | None) -> bool:
+    """Whether absorb-sinks is one of the chooser's candidates rather than a fixed pass: only for a training-free
+    conversion. Absorbing leaves the linear inputs alone and rescales the residual writers' rows, which costs W4A4
+    at step 0 (SmolLM2: NVFP4 KL 0.554 against 0.505) and nothing measurable after training (NVFP4 within ±1% of
+    the control, README "What the norm modules buy"), while it keeps the trained model's residual peak ~12× lower
+    — a gain the step-0 measurement cannot see. Untrained, its W4A4 effect is all it has."""
+    return optional is not None and not cfg.train
+
+
 def choose_conversions(cfg: PipelineConfig, source: Path, sinks_scan: Path | None, train_paths: list[Path],
                        work_dir: Path) -> tuple[dict, list[Conversion]]:
-    """The chooser on the main job's base passes: absorb-sinks (when the scan found sinks), smooth at each of
+    """The chooser on the main job's base passes: absorb-sinks (when the scan found sinks and absorb_is_chosen),
+    smooth at each of
     `smooth_alphas` (unless smooth is off) and hadamard (unless off), measured on the training text — the
     evaluation text stays unseen. ({target: Choice}, the conversions): with `each` one search per format, and one
     conversion per format unless both searches kept the same passes."""
     from .choose import choose_each
 
     targets = ("nvfp4", "int4") if cfg.format == "each" else (cfg.format,)
-    choices = choose_each(source, conversion_passes(cfg, None, train_paths, optional=[]), train_paths,
-                          targets=targets, absorb=AbsorbSinks(scan=sinks_scan) if sinks_scan else None,
+    chosen = absorb_is_chosen(cfg, [])
+    choices = choose_each(source, conversion_passes(cfg, sinks_scan, train_paths, optional=[]), train_paths,
+                          targets=targets, absorb=AbsorbSinks(scan=sinks_scan) if sinks_scan and chosen else None,
                           seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                           alphas=cfg.smooth_alphas if cfg.smooth_alpha is not None else (), hadamard=cfg.hadamard,
                           work_dir=work_dir)
@@ -320,7 +332,8 @@ def run(cfg: PipelineConfig, out: str | Path, *, force: bool = False) -> Pipelin
         t = time.perf_counter()
         sinks_scan = tmp / "scan-source" / "scan.json" if result.scans["source"].sinks else None
         if cfg.choose:
-            console.rule(f"[bold]2/{stages} choose[/] absorb-sinks, smooth and hadamard by "
+            console.rule(f"[bold]2/{stages} choose[/] {'absorb-sinks, ' if absorb_is_chosen(cfg, []) else ''}"
+                         "smooth and hadamard by "
                          f"{'each format' if cfg.format == 'each' else cfg.format}'s W4A4 error on the training text")
             result.choices, result.conversions = choose_conversions(cfg, source, sinks_scan, train_paths, tmp)
             (tmp / "choice.json").write_text(json.dumps({t: c.as_dict() for t, c in result.choices.items()},

@@ -236,14 +236,22 @@ def test_the_default_passes(tmp_path):
 
 
 def test_the_chooser_gets_absorb_sinks_as_a_candidate_and_deploy_auto_follows_the_target(tmp_path):
-    """With the chooser, absorb-sinks is no longer in the base but among what it chose; deploy "auto" writes each
-    model in its target formats' W4A4 schemes; a bad --format fails before any work."""
-    from surgeon.pipeline import deploy_schemes
+    """Training-free, the chooser decides absorb-sinks (not in its base, in the conversion only if kept); a run that
+    trains keeps it fixed; deploy "auto" writes each model in its target formats' W4A4 schemes; a bad --format
+    fails before any work."""
+    from surgeon.pipeline import absorb_is_chosen, deploy_schemes
+    from surgeon.transforms import AbsorbSinks
 
     cfg = PipelineConfig()
-    assert cfg.format == "each" and cfg.deploy == "auto"
-    names = [p.name for p in conversion_passes(cfg, tmp_path / "scan.json", [tmp_path / "t.txt"], optional=[])]
-    assert names == ["pre-affine"]  # the chooser's base: absorb-sinks is its first candidate
+    assert cfg.format == "each" and cfg.deploy == "auto" and cfg.train
+    scan, text = tmp_path / "scan.json", [tmp_path / "t.txt"]
+    assert [p.name for p in conversion_passes(cfg, scan, text, optional=[])] == ["pre-affine", "absorb-sinks"]
+    untrained = PipelineConfig(train=False)
+    assert absorb_is_chosen(untrained, []) and not absorb_is_chosen(cfg, []) and not absorb_is_chosen(untrained, None)
+    assert [p.name for p in conversion_passes(untrained, scan, text, optional=[])] == ["pre-affine"]
+    kept = [AbsorbSinks(scan=scan)]
+    assert [p.name for p in conversion_passes(untrained, scan, text, optional=kept)] == ["pre-affine", "absorb-sinks"]
+    assert [p.name for p in conversion_passes(untrained, scan, text)][:2] == ["pre-affine", "absorb-sinks"]  # fixed
     assert deploy_schemes(cfg, ("nvfp4", "int4")) == ("nvfp4", "w4a4")
     assert deploy_schemes(cfg, ("int4",)) == ("w4a4",)
     assert deploy_schemes(PipelineConfig(deploy="nvfp4a16"), ("int4",)) == ("nvfp4a16",)
