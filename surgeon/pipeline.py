@@ -24,6 +24,7 @@ import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -109,6 +110,11 @@ class Conversion:
     def verify(self) -> dict:
         return self.report.verify
 
+    @cached_property
+    def surgeon(self) -> dict:
+        """The converted config's surgeon block (what each pass recorded), read once."""
+        return json.loads((self.report.output / "config.json").read_text()).get("surgeon", {})
+
 
 @dataclass
 class PipelineResult:
@@ -173,9 +179,8 @@ def conversion_passes(cfg: PipelineConfig, sinks_scan: Path | None, train_paths:
     """The main job's passes in order: GatedNorm (with `gated_norm`), gated attention (with `gated_attention`),
     PreAffine, absorb-sinks (when the scan found sinks, unless the chooser decides it: absorb_is_chosen), then the
     optional passes: `optional` (what the chooser kept), else smooth and hadamard as the config fixes them.
-    `control`: the same
-    without the passes that insert or work through the paper's modules (each pass's `module_pass`), so the control
-    differs from the main run by the modules alone."""
+    `control`: the same without the passes that insert or work through the paper's modules (each pass's
+    `module_pass`), so the control differs from the main run by the modules alone."""
     passes = [GatedNorm(rank=cfg.rank)] if cfg.gated_norm else []
     if cfg.gated_attention:
         passes.append(GatedAttention())
@@ -204,10 +209,9 @@ def absorb_is_chosen(cfg: PipelineConfig, optional: list | None) -> bool:
 def choose_conversions(cfg: PipelineConfig, source: Path, sinks_scan: Path | None, train_paths: list[Path],
                        work_dir: Path) -> tuple[dict, list[Conversion]]:
     """The chooser on the main job's base passes: absorb-sinks (when the scan found sinks and absorb_is_chosen),
-    smooth at each of
-    `smooth_alphas` (unless smooth is off) and hadamard (unless off), measured on the training text — the
-    evaluation text stays unseen. ({target: Choice}, the conversions): with `each` one search per format, and one
-    conversion per format unless both searches kept the same passes."""
+    smooth at each of `smooth_alphas` (unless smooth is off) and hadamard (unless off), measured on the training
+    text — the evaluation text stays unseen. ({target: Choice}, the conversions): with `each` one search per
+    format, and one conversion per format unless both searches kept the same passes."""
     from .choose import choose_each
 
     targets = ("nvfp4", "int4") if cfg.format == "each" else (cfg.format,)
@@ -300,9 +304,9 @@ def _deploy(label: str, model_dir: Path, model, eval_windows: list, train_paths:
     deployed, _ = load_compressed(target)
     figures[f"deployed-{spec.name}"] = perplexity(deployed, eval_windows)[0]
     del deployed
-    result.deployed.setdefault(label, {})[spec.name] = {"dir": target.name, "scheme": spec.name, "bytes": report.bytes_written,
-                              "bytes_source": report.bytes_source, "calibration_tokens": report.calibration_tokens,
-                              "seconds": report.seconds}
+    result.deployed.setdefault(label, {})[spec.name] = {
+        "dir": target.name, "scheme": spec.name, "bytes": report.bytes_written, "bytes_source": report.bytes_source,
+        "calibration_tokens": report.calibration_tokens, "seconds": report.seconds}
     result.stages[f"deploy {label} {spec.name}"] = time.perf_counter() - t
 
 
@@ -476,13 +480,9 @@ def _objectives_text(objectives: dict) -> str:
     return ", ".join(parts)
 
 
-def _surgeon_block(conversion: Conversion) -> dict:
-    return json.loads((conversion.report.output / "config.json").read_text()).get("surgeon", {})
-
-
 def _conversion_text(conversion: Conversion) -> str:
     """What the conversion ran, its parameters and its verification, in a sentence."""
-    report, surgeon = conversion.report, _surgeon_block(conversion)
+    report, surgeon = conversion.report, conversion.surgeon
     what = (f"For {' and '.join(f.upper() for f in conversion.formats)} (`{DIRS['converted'] + conversion.suffix}/`): "
             if conversion.suffix else "")
     return (what + f"converted with {', '.join(report.transforms)} ("
@@ -507,7 +507,7 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult) -> None
         lines += [_conversion_text(conversion), ""]
         tr = conversion.training
         if tr:
-            surgeon = _surgeon_block(conversion)
+            surgeon = conversion.surgeon
             lines += [f"Trained {tr['steps']} steps ({tr['tokens']:,} tokens, median {tr['tokens_per_s_median']:.0f} "
                       f"tokens/s, {tr['seconds'] / 60:.1f} min) with recipe `{cfg.recipe}`: "
                       f"{_objectives_text(tr['objectives'])}; lr {tr['recipe']['lr']:g} (pretrained), "
@@ -555,7 +555,7 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult) -> None
         # model's linear inputs only when no pass changed them (smooth and hadamard do)
         figure = "{0[linear_input_max_rms]:.1f} ({0[linear_input_max_rms_worst]:.1f})".format
         heldout = conversion.training["heldout_first"]
-        changed = any(p.changes_linear_inputs for p in _applied(_surgeon_block(conversion)))
+        changed = any(p.changes_linear_inputs for p in _applied(conversion.surgeon))
         if not changed:
             values["source"] = figure(heldout)
         values[conversion.label("converted")] = figure(heldout)
@@ -611,7 +611,7 @@ def write_report(out: Path, cfg: PipelineConfig, result: PipelineResult) -> None
         if conversion.label("control") in result.evals:
             lines += _control_section(result, conversion, columns)
     for conversion in result.conversions:
-        surgeon = _surgeon_block(conversion)
+        surgeon = conversion.surgeon
         lines += ["", (f"The {conversion.label('converted')} model" if conversion.suffix else "The converted model")
                   + " computes the same function as the source: "
                   + "".join(p.explain(surgeon) for p in _applied(surgeon))]  # each pass says why it keeps the function
@@ -675,8 +675,8 @@ def _control_section(result: PipelineResult, conversion: Conversion, columns: li
     trained, control = result.evals[trained_label].perplexity, result.evals[control_label].perplexity
     passes = conversion.control["transforms"]
     columns = [f for f in columns if f in trained and f in control]
-    lines = ["", f"## What the norm modules bought{' (' + conversion.suffix[1:].upper() + ')' if conversion.suffix else ''}",
-             "",
+    which = f" ({conversion.suffix[1:].upper()})" if conversion.suffix else ""
+    lines = ["", f"## What the norm modules bought{which}", "",
              f"The control is the source converted with {' + '.join(passes) if passes else 'no pass'} (the main "
              f"run's passes without the norm modules), trained with the same recipe, budget and text, and exported "
              f"to `{DIRS['control'] + conversion.suffix}/`.", "",

@@ -68,10 +68,11 @@ def test_a_pass_that_helps_is_kept(outlier, text):
     source, base, *rest = choice.trials
     assert source.verdict == "source" and source.passes == [] and base.verdict == "base"
     assert base.label == "base: pre-affine"
-    assert source.figures["int4"]["kl"] == pytest.approx(base.figures["int4"]["kl"], rel=1e-4)  # an identity PreAffine: the same model
+    # an identity PreAffine: the same model
+    assert source.figures["int4"]["kl"] == pytest.approx(base.figures["int4"]["kl"], rel=1e-4)
     smooth = [t for t in rest if t.stage == "smooth"]
     kept = [t for t in smooth if t.verdict == "kept"]
-    assert len(kept) == 1 and kept[0].figures["int4"]["kl"] < base.figures["int4"]["kl"] / 4  # the planted outlier, moved
+    assert len(kept) == 1 and kept[0].figures["int4"]["kl"] < base.figures["int4"]["kl"] / 4  # the outlier, moved
     assert choice.passes[0].name == "smooth" and choice.passes[0].alpha == float(kept[0].label.split()[-1])
     # every later stage was measured on top of what was kept
     assert all(t.passes[1].name == "smooth" for t in rest if t.stage == "hadamard")

@@ -1,7 +1,9 @@
 """surgeon pipeline [--model default] [--data default] --out DIR: the main job — scan the source, choose smooth and
-absorb-sinks, smooth and hadamard by the W4A4 error they leave in each --format (a conversion per format where they differ), convert it (PreAffine + absorb-sinks + the chosen passes, GatedNorm
-with --gated-norm, gated attention with --gated-attention; verified), scan the result, train it with the tuned recipe, export it,
-evaluate source, converted and trained side by side (fp32, NVFP4 and INT4 W4A4), write report.md."""
+hadamard (and, with --no-train, absorb-sinks) by the W4A4 error they leave in each --format (a conversion per
+format where the choices differ), convert (PreAffine + absorb-sinks + the chosen passes, GatedNorm with
+--gated-norm, gated attention with --gated-attention; verified), scan the result, train it with the tuned recipe,
+export it, deploy it as compressed-tensors checkpoints, evaluate source, converted and trained side by side (fp32,
+NVFP4 and INT4 W4A4, deployed), write report.md."""
 
 from __future__ import annotations
 
